@@ -1,0 +1,1 @@
+"""Conversation -> model inputs, and token ids -> text events."""

@@ -1,0 +1,41 @@
+"""Typed events that generation hands to whoever renders it (CLI, JSON, tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the answer, safe to print (never a split multi-byte character)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ThinkingDelta:
+    """A piece of the model's reasoning (between <think> and </think>)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_memory_bytes: int
+    total_time_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of one generation. reason: 'stop' (eos or stop string), 'length', 'interrupted'."""
+
+    reason: str
+    stats: GenerationStats | None = None
+    text: str = ""
+    thinking: str | None = None
+    extra: dict = field(default_factory=dict)
