@@ -1,6 +1,6 @@
 """Two tiny reference configurations (transformers' nested form) that differ in every structural knob.
 
-Token ids match the tiny test tokenizer (tests/fixtures): <unk> 0, <|begin_of_sentence|> 1,
+Token ids match the tiny test tokenizer (tests/helpers/tokenizer.py): <unk> 0, <|begin_of_sentence|> 1,
 <|end_of_sentence|> 2, <|IMAGE_PLACEHOLDER|> 3, <|IMAGE_START|> 4, <|IMAGE_END|> 5,
 <|VIDEO_START|> 6, <|VIDEO_END|> 7, <|VIDEO_PLACEHOLDER|> 8. Vocabulary 1024.
 """
