@@ -24,6 +24,10 @@ class ConfigError(CheckpointError):
     """A checkpoint configuration that cannot describe an ERNIE 4.5 VL model."""
 
 
+# Baidu's original config.json, and transformers' conversion of it.
+MODEL_TYPES = frozenset({"ernie4_5_moe_vl", "ernie4_5_vl_moe"})
+
+
 @dataclass(frozen=True)
 class TextConfig:
     vocab_size: int = 103424
@@ -107,6 +111,11 @@ class ErnieVLConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ErnieVLConfig":
         """Read either checkpoint form (see the module docstring)."""
+        model_type = raw.get("model_type")
+        if model_type is not None and model_type not in MODEL_TYPES:
+            raise ConfigError(f"config.json describes a {model_type!r} model, expected ERNIE 4.5 VL "
+                              f"(model_type one of {', '.join(sorted(MODEL_TYPES))})",
+                              hint="point at an ERNIE 4.5 VL checkpoint such as baidu/ERNIE-4.5-VL-28B-A3B-PT")
         try:
             if isinstance(raw.get("text_config"), dict):
                 return _from_nested(raw)
@@ -187,6 +196,10 @@ def _text_common(raw: dict[str, Any]) -> dict[str, Any]:
     if raw.get("moe_num_shared_experts") is None and "moe_num_shared_experts" in raw:
         kw["moe_num_shared_experts"] = 0
     kw["eos_token_id"] = _ids(raw.get("eos_token_id"))
+    if "mrope_section" in kw:
+        kw["mrope_section"] = tuple(int(x) for x in kw["mrope_section"])
+    if "mlp_layer_types" in kw:
+        kw["mlp_layer_types"] = tuple(kw["mlp_layer_types"])
     return kw
 
 
@@ -221,6 +234,8 @@ def _from_flat(raw: dict[str, Any]) -> ErnieVLConfig:
         in_channels=int(rv.get("in_channels", rv.get("in_chans", 3))), patch_size=int(_first(rv.get("patch_size", 14))),
         spatial_merge_size=int(raw.get("spatial_conv_size", rv.get("spatial_merge_size", 2))),
         temporal_merge_size=int(raw.get("temporal_conv_size", rv.get("temporal_merge_size", 2))),
+        rope_theta=float(rv.get("rope_theta", VisionConfig.rope_theta)),
+        layer_norm_eps=float(rv.get("layer_norm_eps", rv.get("rms_norm_eps", VisionConfig.layer_norm_eps))),
     )
     ids = {k: int(raw[k]) for k in ("image_start_token_id", "image_end_token_id", "video_start_token_id",
                                     "video_end_token_id", "video_token_id") if raw.get(k) is not None}

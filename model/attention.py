@@ -1,0 +1,73 @@
+"""Grouped-query self-attention of the text decoder, on torch's scaled_dot_product_attention.
+
+Legend: B = batch, T = new tokens, S = key slots (cached + new), Hq / Hkv = query / key-value
+heads, D = head dim.
+
+The mask is built once per forward by ``build_attention_mask`` and shared by all layers. A
+query at cache slot p may see key slot s when s <= p and slot s is not padding. Slots are cache
+indices, not RoPE positions (those differ after an image; see model/positions.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import TextConfig
+from model.rope import apply_text_rope
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections, 3D RoPE on q and k, optional KV cache, causal GQA attention."""
+
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        H, D, bias = config.hidden_size, config.head_dim, config.use_bias
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=bias)
+        self.k_proj = nn.Linear(H, self.n_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(H, self.n_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache=None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H). mask: bool (B, 1, T, S) or None for plain causal."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_text_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, Hkv, S, D)
+        out = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
+            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, Hq, T, D)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, Hq*D)
+        return self.o_proj(out)
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor,
+                         num_slots: int, cached: bool) -> torch.Tensor | None:
+    """Boolean mask (B|1, 1, T, S) over key slots, or None when plain causal attention suffices.
+
+    attention_mask: (B, L) with 1 for real tokens, 0 for padding, covering slots 0..L-1
+    (L <= S; slots beyond L count as real). cache_position: (T,) slot of every new token.
+    A padded query row would see nothing at all; it is allowed its own slot so SDPA stays finite.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not cached and not padded:
+        return None
+    slots = torch.arange(num_slots, device=cache_position.device)
+    allowed = slots[None, :] <= cache_position[:, None]  # (T, S)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if padded:
+        keep = attention_mask.bool()
+        if keep.shape[1] < num_slots:
+            keep = F.pad(keep, (0, num_slots - keep.shape[1]), value=True)
+        keep = keep[:, None, None, :num_slots]  # (B, 1, 1, S)
+        own = slots[None, :] == cache_position[:, None]  # (T, S)
+        allowed = (allowed & keep) | own[None, None]  # (B, 1, T, S)
+    return allowed

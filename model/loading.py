@@ -1,0 +1,209 @@
+"""``from_pretrained``: resolve a checkpoint, read its config, build on meta, fill from mmap.
+
+Memory: each shard is memory-mapped copy-on-write and every tensor is a view of the mapping,
+so a CPU load in the checkpoint's own dtype copies nothing but the stacked experts (built one
+layer at a time, straight in the destination dtype). Other dtypes or devices copy tensor by
+tensor; the mapping is never read whole into memory and there is no fp32 detour.
+
+Only safetensors are read (a pickle can run code); each shard's header is checked against
+the file size before any tensor is touched, so a truncated download is an error, not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+from torch import Tensor
+
+from model.config import ErnieVLConfig
+from model.errors import CheckpointError, ErnieError
+from model.hub import DEFAULT_REPO, resolve
+from model.weights import to_ours
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pdparams")
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32,
+          "float": torch.float32}
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+              "F8_E5M2": torch.float8_e5m2}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = None,
+                    dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+                    offline: bool | None = None):
+    """An ``ErnieVL`` in eval mode with the checkpoint's weights (see the module docstring).
+
+    dtype: "auto" (config ``torch_dtype``/``dtype``, else the tensors'), "bfloat16", "float16",
+    "float32" or a torch dtype. device: "auto" (cuda > mps > cpu), "cpu", "cuda", "mps", ...
+    """
+    from model.ernie_vl import ErnieVL  # lazy: ernie_vl imports this module's entry point
+
+    root = resolve(path_or_repo_id, revision=revision, offline=offline)
+    config = ErnieVLConfig.from_file(root / "config.json")
+    checkpoint = SafetensorsCheckpoint.open(root)
+    target_dtype = resolve_dtype(dtype, root, checkpoint)
+    target_device = resolve_device(device)
+    state = to_ours(checkpoint, config, dtype=target_dtype, device=target_device)
+    model = ErnieVL.from_config(config, device="meta")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+from_pretrained = load_pretrained
+
+
+# --- dtype and device -------------------------------------------------------------------------
+
+def resolve_dtype(dtype: str | torch.dtype, root: Path, checkpoint: "SafetensorsCheckpoint") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ErnieError(f"unknown dtype {dtype!r}; expected auto, bfloat16, float16 or float32")
+        return DTYPES[dtype]
+    raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    named = raw.get("torch_dtype") or raw.get("dtype") or (raw.get("text_config") or {}).get("dtype")
+    if isinstance(named, str) and named.removeprefix("torch.") in DTYPES:
+        return DTYPES[named.removeprefix("torch.")]
+    return checkpoint.dtype_of("model.embed_tokens.weight") or torch.float32
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) != "auto":
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ErnieError("device cuda was requested but no CUDA GPU is available",
+                             hint="use --device cpu (or auto)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ErnieError("device mps was requested but Metal is not available", hint="use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# --- memory-mapped safetensors ----------------------------------------------------------------
+
+class SafetensorsCheckpoint(Mapping):
+    """Read-only mapping name -> tensor over one or more memory-mapped safetensors shards."""
+
+    def __init__(self, shards: dict[str, "_Shard"]):
+        self._where = shards  # tensor name -> shard holding it
+
+    @classmethod
+    def open(cls, root: Path) -> "SafetensorsCheckpoint":
+        root = Path(root)
+        if (root / INDEX).is_file():
+            return cls(_open_index(root))
+        if (root / SINGLE).is_file():
+            shard = _Shard(root / SINGLE)
+            return cls(dict.fromkeys(shard.entries, shard))
+        files = sorted(root.glob("*.safetensors"))
+        if len(files) == 1:
+            shard = _Shard(files[0])
+            return cls(dict.fromkeys(shard.entries, shard))
+        pickles = sorted(p.name for pattern in PICKLES for p in root.glob(pattern))
+        if pickles:
+            raise CheckpointError(f"{root} holds only pickle weights ({', '.join(pickles[:3])}); ernie reads "
+                                  "safetensors only, since loading a pickle can run arbitrary code",
+                                  hint="use the repo's safetensors files, or convert the weights to safetensors")
+        found = f"{len(files)} unindexed .safetensors files" if files else "no weights"
+        raise CheckpointError(f"{root} has {found}; expected {SINGLE} or {INDEX} with its shards",
+                              hint="point at the directory of a complete checkpoint download")
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._where[name].tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        shard = self._where.get(name)
+        return _ST_DTYPES.get(shard.entries[name]["dtype"]) if shard else None
+
+
+def _open_index(root: Path) -> dict[str, "_Shard"]:
+    try:
+        weight_map = json.loads((root / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{root / INDEX} is not a valid shard index ({type(e).__name__}: {e})",
+                              hint="re-download the checkpoint") from None
+    names = sorted(set(weight_map.values()))
+    absent = [n for n in names if not (root / n).is_file()]
+    if absent:
+        raise CheckpointError(f"{len(absent)} of {len(names)} shards listed in {INDEX} are missing: "
+                              f"{', '.join(absent)}", hint="the download is incomplete; download it again")
+    shards = {n: _Shard(root / n) for n in names}
+    lost = [k for k, n in weight_map.items() if k not in shards[n].entries]
+    if lost:
+        raise CheckpointError(f"{len(lost)} tensors listed in {INDEX} are not in their shard "
+                              f"({', '.join(sorted(lost)[:5])})", hint="re-download the checkpoint")
+    return {k: shards[n] for k, n in weight_map.items()}
+
+
+class _Shard:
+    """One safetensors file: 8-byte little-endian header size, JSON header, then raw data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= n <= min(_MAX_HEADER, size - 8):
+                self._corrupt(f"header size field {n} does not fit the file size {size}")
+            try:
+                header = json.loads(f.read(n).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                self._corrupt(f"unreadable header ({e})")
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
+        header.pop("__metadata__", None)
+        self.start, self.entries = 8 + n, header
+        for name, entry in header.items():
+            self._check(name, entry, size - 8 - n)
+
+    def _corrupt(self, what: str) -> NoReturn:
+        raise CheckpointError(f"{self.path} is not a valid safetensors file: {what}",
+                              hint="the file is truncated or corrupt; delete it and download it again")
+
+    def _check(self, name: str, entry: dict, data_size: int) -> None:
+        try:
+            dtype = _ST_DTYPES[entry["dtype"]]
+            begin, end = (int(x) for x in entry["data_offsets"])
+            count = 1
+            for d in entry["shape"]:
+                count *= int(d)
+        except (KeyError, TypeError, ValueError) as e:
+            self._corrupt(f"bad header entry for {name} ({type(e).__name__}: {e})")
+        if end > data_size:
+            self._corrupt(f"tensor {name} ends at byte {end} but the file has {data_size} data bytes (truncated)")
+        if not 0 <= begin <= end or end - begin != count * dtype.itemsize:
+            self._corrupt(f"tensor {name} has offsets [{begin}, {end}) for shape {entry['shape']} {entry['dtype']}")
+
+    def tensor(self, name: str) -> Tensor:
+        entry = self.entries[name]
+        dtype, shape = _ST_DTYPES[entry["dtype"]], tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self.mm, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                offset=self.start + begin)  # a view of the mapping, no copy
+        return flat.view(shape)

@@ -1,0 +1,83 @@
+"""The text decoder: token embeddings, pre-norm decoder layers (dense or MoE), final RMSNorm.
+
+Legend: B = batch, T = new tokens, H = hidden.
+
+Layer i uses the modality-isolated MoE when ``config.is_moe_layer(i)`` and a dense SwiGLU MLP
+otherwise (layer 0 of the released checkpoints is dense).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.attention import Attention
+from model.config import TextConfig
+from model.moe import MLP, ModalityMoE
+from model.rope import text_rope
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight; statistics in fp32 (a bf16 mean of squares over 2560 dims drifts)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """x + attn(norm(x)), then h + mlp(norm(h)); the MLP is dense or MoE."""
+
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.self_attn = Attention(config, layer_idx)
+        if self.is_moe:
+            self.mlp = ModalityMoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.use_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                vision_mask: torch.Tensor | None = None, cache=None,
+                cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, H) -> (B, T, H), router logits (B*T, E) or None for a dense layer."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
+        h = self.post_attention_layernorm(x)
+        router_logits = None
+        if self.is_moe:
+            h, router_logits = self.mlp(h, vision_mask)
+        else:
+            h = self.mlp(h)
+        return x + h, router_logits
+
+
+class TextDecoder(nn.Module):
+    """embed_tokens, layers, norm. Takes embeddings (vision features already scattered in)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                vision_mask: torch.Tensor | None = None, cache=None,
+                cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """inputs_embeds (B, T, H), position_ids (3, B, T) -> normed hidden (B, T, H), router logits per MoE layer."""
+        cos, sin = text_rope(self.config, position_ids)  # (B, T, D) each
+        x = inputs_embeds
+        all_router_logits = []
+        for layer in self.layers:
+            x, router_logits = layer(x, cos, sin, mask, vision_mask, cache, cache_position)
+            if router_logits is not None:
+                all_router_logits.append(router_logits)
+        return self.norm(x), all_router_logits

@@ -1,0 +1,158 @@
+"""Tier 3: the whole model on tiny random configurations (no reference needed).
+
+State-dict names and meta construction, determinism, batch of 2 == two singles (left padding),
+cached decode == full forward after an image, modality isolation inside the full model,
+logits_to_keep, the loss semantics and the user-facing errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import ErnieVL
+from model.config import tiny
+from model.errors import ErnieError
+from model.kv_cache import StaticKVCache
+from model.weights import expected_shapes
+from tests.helpers.reference import make_inputs, our_config, randomize_
+
+
+def _model(name: str = "A", seed: int = 0) -> ErnieVL:
+    torch.manual_seed(seed)
+    model = ErnieVL(our_config(name)).eval()
+    randomize_(model, seed)
+    return model
+
+
+@pytest.fixture(scope="module", params=["A", "B"])
+def model(request):
+    return _model(request.param)
+
+
+def _only(inputs: dict, *keys: str) -> dict:
+    return {k: v for k, v in inputs.items() if k in keys}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_state_dict_names_and_shapes_follow_the_architecture_table(tied):
+    config = tiny(tie_word_embeddings=tied)
+    model = ErnieVL.from_config(config, device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == {k: tuple(s) for k, s in expected_shapes(config).items()}
+    assert ("lm_head.weight" in got) is not tied
+    assert model.model.layers[1].mlp.text_router.weight.dtype == torch.float32
+
+
+def test_bf16_construction_keeps_routers_fp32():
+    model = ErnieVL.from_config(tiny(), dtype=torch.bfloat16)
+    router = model.model.layers[1].mlp.vision_router
+    assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
+    assert model.model.layers[1].mlp.vision_experts.down_proj.dtype == torch.bfloat16
+
+
+def test_seeded_construction_and_forward_are_deterministic(model):
+    name = "A" if model.config.tie_word_embeddings else "B"
+    twin = _model(name)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    inputs = make_inputs("image_video")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, twin(**inputs).logits)
+
+
+def test_batch_of_two_equals_two_singles(model):
+    batch = make_inputs("padded_batch", labels=False)
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        both = model(**batch).logits
+        rows = [(0, 0), (1, 1)]  # (row, image index)
+        for row, img in rows:
+            keep = mask[row].bool()
+            grid = batch["image_grid_thw"][img:img + 1]
+            start = int(batch["image_grid_thw"][:img].prod(-1).sum())
+            single = {k: batch[k][row:row + 1, keep] for k in ("input_ids", "mm_token_type_ids",
+                                                               "moe_mm_token_type_ids")}
+            single.update(image_grid_thw=grid, pixel_values=batch["pixel_values"][start:start + int(grid.prod())])
+            alone = model(**single).logits[0]
+            torch.testing.assert_close(both[row, keep], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["image", "padded_batch"])
+def test_cached_decode_equals_full_forward(model, case):
+    inputs = make_inputs(case, labels=False)
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+    B, P = ids.shape
+    new = torch.randint(9, 1024, (B, 3), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full_inputs = dict(inputs, input_ids=torch.cat([ids, new], 1),
+                           attention_mask=torch.cat([mask, torch.ones_like(new)], 1))
+        for key in ("mm_token_type_ids", "moe_mm_token_type_ids"):
+            full_inputs[key] = torch.cat([inputs[key], torch.zeros_like(new)], 1)
+        full = model(**full_inputs).logits  # (B, P + 3, V)
+        cache = StaticKVCache(model.config.text, B, P + 8)
+        out = model(**dict(inputs, attention_mask=mask), past_key_values=cache, logits_to_keep=1)
+        torch.testing.assert_close(out.logits[:, -1], full[:, P - 1], atol=1e-5, rtol=1e-5)
+        for i in range(3):
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+            step = model(input_ids=new[:, i:i + 1], attention_mask=mask, past_key_values=cache,
+                         rope_deltas=out.rope_deltas)
+            torch.testing.assert_close(step.logits[:, -1], full[:, P + i], atol=1e-5, rtol=1e-5)
+    assert cache.seq_len == P + 3
+
+
+def test_vision_tokens_and_markers_reach_only_vision_experts(model):
+    inputs = make_inputs("image_video", labels=False)
+    vision = inputs["moe_mm_token_type_ids"][0] != 0
+    counts = {}
+    for i, layer in enumerate(model.model.layers):
+        if layer.is_moe:
+            for bank in ("text_experts", "vision_experts"):
+                getattr(layer.mlp, bank).register_forward_hook(
+                    lambda m, args, out, key=(i, bank): counts.__setitem__(key, args[0].shape[0]))
+    with torch.no_grad():
+        model(**inputs)
+    moe_layers = [i for i, layer in enumerate(model.model.layers) if layer.is_moe]
+    assert counts == {**{(i, "text_experts"): int((~vision).sum()) for i in moe_layers},
+                      **{(i, "vision_experts"): int(vision.sum()) for i in moe_layers}}
+    for layer in model.model.layers:
+        if layer.is_moe:
+            for bank in (layer.mlp.text_experts, layer.mlp.vision_experts):
+                bank._forward_hooks.clear()
+
+
+def test_logits_to_keep_and_loss_semantics(model):
+    inputs = make_inputs("image")
+    with torch.no_grad():
+        out = model(**inputs)
+        unlabelled = {k: v for k, v in inputs.items() if k != "labels"}
+        last = model(**unlabelled, logits_to_keep=2)
+        picked = model(**unlabelled, logits_to_keep=torch.tensor([0, 3]))
+        with pytest.raises(ErnieError, match="logits_to_keep=0"):
+            model(**inputs, logits_to_keep=1)
+    torch.testing.assert_close(last.logits, out.logits[:, -2:])
+    torch.testing.assert_close(picked.logits, out.logits[:, [0, 3]])
+    labels = inputs["labels"]
+    want = F.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, want)
+    assert out.aux_loss is None and out.router_logits is None
+    with torch.no_grad():
+        with_aux = model(**inputs, output_router_logits=True)
+    coef = model.config.text.router_aux_loss_coef
+    torch.testing.assert_close(with_aux.loss, want + coef * with_aux.aux_loss)
+    n_moe = sum(layer.is_moe for layer in model.model.layers)
+    assert len(with_aux.router_logits) == n_moe
+    assert with_aux.router_logits[0].shape == (inputs["input_ids"].numel(), model.config.text.moe_num_experts)
+
+
+def test_mismatched_image_tokens_raise_a_clear_error(model):
+    inputs = make_inputs("image", labels=False)
+    ids = inputs["input_ids"].clone()
+    ids[0, ids[0].tolist().index(3)] = 20  # one image token too few
+    with pytest.raises(ErnieError, match=r"5 image tokens but the images produce 6 embeddings"):
+        model(**dict(inputs, input_ids=ids))
+    with pytest.raises(ErnieError, match=r"describes 24 patches but 23 pixel rows"):
+        model(**dict(inputs, pixel_values=inputs["pixel_values"][:-1]))
+    with pytest.raises(ErnieError, match="exactly one of input_ids and inputs_embeds"):
+        model()
