@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from model.stats import GenerationStats
+
 
 @dataclass(frozen=True)
 class TextDelta:
@@ -17,17 +19,6 @@ class ThinkingDelta:
     """A piece of the model's reasoning (between <think> and </think>)."""
 
     text: str
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    prompt_tokens: int
-    completion_tokens: int
-    time_to_first_token_s: float
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    peak_memory_bytes: int
-    total_time_s: float = 0.0
 
 
 @dataclass(frozen=True)
