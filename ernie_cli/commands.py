@@ -1,0 +1,68 @@
+"""Bodies of `ernie describe` (and the input helpers `ernie chat` shares): validate, load, render."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ernie_cli.media import MediaInput, MediaResolver
+from ernie_cli.settings import GenerationSettings, LoadOptions, MediaOptions, Message, Part, default_prompt, user_message
+from model.errors import ErnieError, MediaError
+
+
+def read_text_file(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ErnieError(f"{what} file {path} does not exist", hint="check the path") from None
+    except IsADirectoryError:
+        raise ErnieError(f"{what} file {path} is a directory; expected a text file") from None
+    except UnicodeDecodeError:
+        raise ErnieError(f"{what} file {path} is not UTF-8 text") from None
+
+
+def system_prompt(system: str | None, system_file: Path | None) -> Message | None:
+    text = read_text_file(system_file, "system prompt").strip() if system_file else system
+    return Message("system", [Part("text", text)]) if text else None
+
+
+def resolve_media(refs: list[str], stdin_bytes=None) -> list[MediaInput]:
+    if refs.count("-") > 1:
+        raise MediaError("`-` (stdin) can be given only once")
+    resolver = MediaResolver(stdin=stdin_bytes)
+    return [resolver.resolve(ref) for ref in refs]
+
+
+def describe_prompt(prompt: str | None, prompt_file: Path | None, media: list[MediaInput], stdin_free: bool) -> str:
+    """--prompt, else --prompt-file, else piped stdin (when no media came from it), else a default."""
+    if prompt is not None:
+        return prompt
+    if prompt_file is not None:
+        return read_text_file(prompt_file, "prompt").strip()
+    if stdin_free and not sys.stdin.isatty():
+        piped = sys.stdin.read().strip()
+        if piped:
+            return piped
+    return default_prompt([m.kind for m in media])
+
+
+def run_describe(media_refs: list[str], *, prompt, prompt_file, system, system_file, load: LoadOptions,
+                 media_options: MediaOptions, settings: GenerationSettings, fmt: str, quiet: bool, verbose: bool,
+                 hide_thinking: bool) -> None:
+    from ernie_cli.engine import make_engine
+    from ernie_cli.render import make_renderer
+
+    uses_stdin = "-" in media_refs
+    media = resolve_media(media_refs, sys.stdin.buffer if uses_stdin and not sys.stdin.isatty() else None)
+    conversation = [m for m in (system_prompt(system, system_file),) if m]
+    conversation.append(user_message(describe_prompt(prompt, prompt_file, media, not uses_stdin), media))
+    renderer = make_renderer(fmt, quiet=quiet, verbose=verbose, hide_thinking=hide_thinking)
+    engine = make_engine()
+    renderer.status(f"Loading {load.model}…")
+    try:
+        engine.load(load, media_options)
+    finally:
+        renderer.stop_status()
+    done = renderer.render(engine.generate(conversation, settings))
+    if done is not None and done.reason == "interrupted":
+        raise KeyboardInterrupt

@@ -1,0 +1,267 @@
+"""The engine: one small interface between the commands and a backend.
+
+    engine.load(load_options, media_options)          -> None  (raises ErnieError)
+    engine.generate(conversation, settings, cancel)   -> Iterator[Status | TextDelta | ThinkingDelta | Finished]
+
+`TorchEngine` wires the embedded library: processor -> model -> stream_generate -> StreamDecoder (stop
+strings) -> ThinkSplitter. Generation runs in a worker thread so Ctrl-C in the main thread only sets
+`cancel`; the answer so far still arrives as a `Finished("interrupted", ...)`. Everything heavy is
+imported inside methods, so importing this module stays torch-free.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from ernie_cli.media import MediaInput
+from ernie_cli.settings import TINY_MODEL, GenerationSettings, LoadOptions, MediaOptions, Message
+from model.errors import ErnieError, ModelNotFoundError
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass(frozen=True)
+class Status:
+    """A phase the user waits on (downloading, loading, preprocessing); rendered as a spinner on a TTY."""
+
+    message: str
+
+
+class Engine(Protocol):
+    name: str
+
+    def load(self, options: LoadOptions, media: MediaOptions) -> None: ...
+
+    def generate(self, conversation: list[Message], settings: GenerationSettings,
+                 cancel: threading.Event | None = None) -> Iterator[Any]: ...
+
+
+def resolve_model_ref(name: str) -> str | Path:
+    """ernie-tiny -> the bundled checkpoint; an existing directory -> itself; else a Hub repo id."""
+    if name == TINY_MODEL:
+        path = ASSETS / TINY_MODEL
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{TINY_MODEL} is not bundled in this installation (no {path}/config.json)",
+                                     hint="reinstall ernie-cli, or pass a local checkpoint directory")
+        return path
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotFoundError(f"model {name!r} is neither a checkpoint directory nor a Hub repo id (owner/name)",
+                                 hint="try `ernie models` to see what is available, or `--model ernie-tiny`")
+    return name
+
+
+@dataclass
+class _Turn:
+    """Mutable state of one generation, shared by the worker thread and its events."""
+
+    text: list[str] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)
+
+
+class TorchEngine:
+    """The embedded PyTorch implementation of ERNIE 4.5 VL."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.model = self.processor = self.base_config = None
+        self.media_options = MediaOptions()
+        self.load_s = 0.0
+
+    # --- loading ---------------------------------------------------------------------------------
+    def load(self, options: LoadOptions, media: MediaOptions) -> None:
+        from model.hub import resolve
+
+        start = time.perf_counter()
+        root = resolve(str(resolve_model_ref(options.model)), revision=options.revision, offline=options.offline)
+        from ernie_cli.memory import check_memory
+
+        check_memory(root, options)  # before torch is imported: a hopeless load fails in a second
+        from model.generate import GenerationConfig
+        from model.loading import load_pretrained
+        from processing.processor import ErnieVLProcessor
+
+        self.model = load_pretrained(str(root), dtype=options.dtype, device=options.device, offline=True)
+        self.processor = _with_media_options(ErnieVLProcessor.from_pretrained(root), media)
+        self.base_config = GenerationConfig.from_file(root)
+        self.name = options.model
+        self.load_s = time.perf_counter() - start
+
+    # --- generation ------------------------------------------------------------------------------
+    def generate(self, conversation: list[Message], settings: GenerationSettings,
+                 cancel: threading.Event | None = None) -> Iterator[Any]:
+        cancel = cancel or threading.Event()
+        events: queue.Queue = queue.Queue()
+        worker = threading.Thread(target=self._worker, args=(conversation, settings, cancel, events), daemon=True)
+        with ctrl_c_cancels(cancel):
+            worker.start()
+            yield from _drain(events, cancel)
+            worker.join()
+
+    def _worker(self, conversation, settings, cancel, events: queue.Queue) -> None:
+        try:
+            for event in self._generate(conversation, settings, cancel):
+                events.put(event)
+        except BaseException as e:  # handed to the main thread, which re-raises it
+            events.put(_Failure(e))
+        events.put(_END)
+
+    def _generate(self, conversation, settings, cancel) -> Iterator[Any]:
+        from processing.events import Finished
+
+        if settings.think is None:  # Thinking variants think unless told not to
+            settings = replace(settings, think="thinking" in str(self.name).lower())
+        yield Status("Preprocessing…")
+        start = time.perf_counter()
+        media = [MediaInput(p.kind, Path(p.value), p.ref) for m in conversation for p in m.media]
+        inputs = self.processor.apply_chat_template(
+            [m.to_processor() for m in conversation], add_generation_prompt=True, tokenize=True, return_dict=True,
+            return_tensors="pt", enable_thinking=settings.think)
+        preprocess_s = time.perf_counter() - start
+        turn = _Turn()
+        reason, stats = yield from self._decode(inputs, settings, cancel, turn)
+        extra = {"model": self.name, "media": media_summary(self.processor, media, inputs), "load_s": self.load_s,
+                 "preprocess_s": preprocess_s}
+        thinking = "".join(turn.thinking) if settings.think else None
+        yield Finished(reason, stats, "".join(turn.text), thinking, extra)
+
+    def generation_config(self, settings: GenerationSettings):
+        """The checkpoint's config with the user's overrides; temperature > 0 means sampling."""
+        overrides = settings.overrides()
+        if overrides.get("temperature"):
+            overrides["do_sample"] = True
+        if settings.think and settings.thinking_budget is not None:
+            overrides["max_thinking_tokens"] = settings.thinking_budget
+            overrides["think_end_ids"] = self.processor.tokenizer.encode("</think>\n\n")
+        return self.base_config.replace(**overrides)
+
+    def _decode(self, inputs, settings, cancel, turn: _Turn):
+        from model.generate import Done, stream_generate
+        from processing.detokenize import StreamDecoder
+        from processing.thinking import ThinkSplitter
+
+        decoder = StreamDecoder(self.processor.tokenizer, skip_special_tokens=True, stop_strings=tuple(settings.stop))
+        splitter = ThinkSplitter(start_in_thinking=settings.think)
+        param = next(self.model.parameters())
+        tensors = {k: v for k, v in inputs.to(param.device, param.dtype).items() if k in GENERATE_INPUTS}
+        stopped = False
+        for step in stream_generate(self.model, **tensors, config=self.generation_config(settings), cancel=cancel):
+            if isinstance(step, Done):
+                yield from _events(splitter.feed(decoder.finish()) + splitter.finish(), turn)
+                reason = "stop" if stopped else "interrupted" if cancel.is_set() else step.finish_reasons[0]
+                return reason, step.stats
+            yield from _events(splitter.feed(decoder.push(int(step.token_ids[0]))), turn)
+            if getattr(decoder, "stopped", False) and not stopped:
+                stopped = True
+                cancel.set()
+        return "interrupted", None
+
+
+GENERATE_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "moe_mm_token_type_ids", "pixel_values",
+                   "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def _with_media_options(processor, media: MediaOptions):
+    """Apply --fps / --max-frames / --no-timestamps / --max-pixels to the processor's configs."""
+    image, video = processor.image_config, processor.video_config
+    if media.max_pixels is not None:
+        image = replace(image, max_pixels=media.max_pixels, min_pixels=min(image.min_pixels, media.max_pixels))
+        video = replace(video, max_pixels=media.max_pixels, min_pixels=min(video.min_pixels, media.max_pixels))
+    changes = {"fps": media.fps, "max_frames": media.max_frames}
+    video = replace(video, draw_timestamps=video.draw_timestamps and media.timestamps,
+                    **{k: v for k, v in changes.items() if v is not None})
+    if media.max_frames is not None:
+        video = replace(video, min_frames=min(video.min_frames, media.max_frames))
+    processor.image_config, processor.video_config = image, video
+    return processor
+
+
+def media_summary(processor, media: list[MediaInput], inputs) -> list[dict]:
+    """Per media item, in prompt order: kind, path, grid (t, h, w patches), tokens, timestamps (videos)."""
+    grids = {"image": iter(inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else []),
+             "video": iter(inputs["video_grid_thw"].tolist() if "video_grid_thw" in inputs else [])}
+    stamps = iter(getattr(inputs, "video_timestamps", []) or [])
+    rows = []
+    for m in media:
+        grid = next(grids[m.kind], None)
+        row = {"kind": m.kind, "path": m.source, "grid": grid}
+        if m.kind == "image":
+            row["tokens"] = processor.image_token_count(grid) if grid else None
+        else:
+            row["tokens"] = processor.video_token_count(grid) if grid else None
+            row["timestamps"] = [round(float(t), 3) for t in next(stamps, [])]
+        rows.append(row)
+    return rows
+
+
+def _events(pieces, turn: _Turn) -> Iterator[Any]:
+    from processing.events import ThinkingDelta
+
+    for piece in pieces or ():
+        if not piece.text:
+            continue
+        (turn.thinking if isinstance(piece, ThinkingDelta) else turn.text).append(piece.text)
+        yield piece
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+@contextmanager
+def ctrl_c_cancels(cancel: threading.Event) -> Iterator[None]:
+    """While generating, the first Ctrl-C sets `cancel` (wherever the main thread is); the second raises."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _drain(events: queue.Queue, cancel: threading.Event) -> Iterator[Any]:
+    """Yield the worker's events; the first Ctrl-C sets `cancel` and keeps draining, the second propagates."""
+    while True:
+        try:
+            event = events.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        except KeyboardInterrupt:
+            if cancel.is_set():
+                raise
+            cancel.set()
+            continue
+        if event is _END:
+            return
+        if isinstance(event, _Failure):
+            raise event.error
+        yield event
+
+
+def make_engine(backend: str = "torch") -> Engine:
+    if backend != "torch":
+        raise ErnieError(f"unknown backend {backend!r}; expected 'torch'")
+    return TorchEngine()
