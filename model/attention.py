@@ -51,15 +51,18 @@ class Attention(nn.Module):
 
 def build_attention_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor,
                          num_slots: int, cached: bool) -> torch.Tensor | None:
-    """Boolean mask (B|1, 1, T, S) over key slots, or None when plain causal attention suffices.
+    """Boolean mask (B|1, 1, T, S) over key slots, or None when plain causal attention suffices
+    (no padding, and the T new tokens are all the slots: no cache, or a prefill into an empty one).
 
     attention_mask: (B, L) with 1 for real tokens, 0 for padding, covering slots 0..L-1
     (L <= S; slots beyond L count as real). cache_position: (T,) slot of every new token.
     A padded query row would see nothing at all; it is allowed its own slot so SDPA stays finite.
     """
     padded = attention_mask is not None and not bool(attention_mask.all())
-    if not cached and not padded:
-        return None
+    T = cache_position.shape[0]
+    fresh = cached and num_slots == T and torch.equal(cache_position, torch.arange(T, device=cache_position.device))
+    if (fresh or not cached) and not padded:
+        return None  # new tokens fill slots 0..T-1 in order: SDPA's own causal path, no mask tensor
     slots = torch.arange(num_slots, device=cache_position.device)
     allowed = slots[None, :] <= cache_position[:, None]  # (T, S)
     allowed = allowed[None, None]  # (1, 1, T, S)

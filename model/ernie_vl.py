@@ -24,6 +24,7 @@ from model.attention import build_attention_mask
 from model.config import ErnieVLConfig
 from model.errors import ErnieError
 from model.moe import Experts, Router
+from model.packing import vocab_logits
 from model.positions import decode_positions, get_rope_index
 from model.resampler import Resampler
 from model.text import RMSNorm, TextDecoder
@@ -55,6 +56,8 @@ class ErnieVL(nn.Module):
         self.lm_head = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        # a packed copy of output_weight for CPU bf16 inference (model/packing.py); counted as a buffer
+        self.register_buffer("packed_head", None, persistent=False)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -148,7 +151,7 @@ class ErnieVL(nn.Module):
         vision_mask = moe_mm_token_type_ids != 0 if moe_mm_token_type_ids is not None else None
         hidden, router_logits = self.model(inputs_embeds, position_ids, mask, vision_mask, cache, cache_position)
         hidden = _keep_last(hidden, logits_to_keep)
-        logits = F.linear(hidden, self.output_weight)  # (B, T_kept, V)
+        logits = vocab_logits(hidden, self.output_weight, self.packed_head)  # (B, T_kept, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         aux_loss = None
         if output_router_logits:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import NoReturn
@@ -24,6 +26,8 @@ from torch import Tensor
 from model.config import ErnieVLConfig
 from model.errors import CheckpointError, ErnieError
 from model.hub import DEFAULT_REPO, resolve
+from model.packing import PackedBank, pack_for_cpu, packing_available
+from model.weights import _BANKS, _EXPERT, _IGNORED, _renamed
 from model.weights import to_ours
 
 INDEX = "model.safetensors.index.json"
@@ -41,7 +45,7 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = None,
                     dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-                    offline: bool | None = None):
+                    offline: bool | None = None, pack: bool = True):
     """An ``ErnieVL`` in eval mode with the checkpoint's weights (see the module docstring).
 
     dtype: "auto" (config ``torch_dtype``/``dtype``, else the tensors'), "bfloat16", "float16",
@@ -54,10 +58,21 @@ def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = 
     checkpoint = SafetensorsCheckpoint.open(root)
     target_dtype = resolve_dtype(dtype, root, checkpoint)
     target_device = resolve_device(device)
-    state = to_ours(checkpoint, config, dtype=target_dtype, device=target_device)
+    experts = None
+    if pack and target_device.type == "cpu" and target_dtype == torch.bfloat16 and packing_available():
+        experts = _expert_sources(checkpoint, config)
+    source = checkpoint if experts is None else _WithStandIns(checkpoint, experts, config)
+    state = to_ours(source, config, dtype=target_dtype, device=target_device)
     model = ErnieVL.from_config(config, device="meta")
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    del state
+    model.eval()
+    if experts is not None:
+        _pack_experts_from(checkpoint, experts, model)
+    if pack:
+        pack_for_cpu(model, release=checkpoint.release_pages)
+    checkpoint.release_pages()
+    return model
 
 
 from_pretrained = load_pretrained
@@ -133,6 +148,22 @@ class SafetensorsCheckpoint(Mapping):
     def __len__(self) -> int:
         return len(self._where)
 
+    def release_pages(self, names: list[str] | None = None) -> None:
+        """Drop the resident pages of ``names`` (all tensors when None) once they were copied.
+
+        The mappings are private and never written, so a later read of a view simply faults
+        the page back in from the file; this only keeps the loader's peak memory down.
+        """
+        if names is None:
+            for shard in set(self._where.values()):
+                shard.release(None)
+        else:
+            for name in names:
+                self._where[name].release(name)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].entries[name]["shape"])
+
     def dtype_of(self, name: str) -> torch.dtype | None:
         shard = self._where.get(name)
         return _ST_DTYPES.get(shard.entries[name]["dtype"]) if shard else None
@@ -198,6 +229,19 @@ class _Shard:
         if not 0 <= begin <= end or end - begin != count * dtype.itemsize:
             self._corrupt(f"tensor {name} has offsets [{begin}, {end}) for shape {entry['shape']} {entry['dtype']}")
 
+    def release(self, name: str | None) -> None:
+        """madvise(DONTNEED) the whole pages inside one tensor's bytes (or the whole mapping)."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if name is None:
+            begin, end = 0, len(self.mm)
+        else:
+            lo, hi = self.entries[name]["data_offsets"]
+            begin = -(-(self.start + lo) // mmap.PAGESIZE) * mmap.PAGESIZE
+            end = (self.start + hi) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > begin:
+            self.mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
     def tensor(self, name: str) -> Tensor:
         entry = self.entries[name]
         dtype, shape = _ST_DTYPES[entry["dtype"]], tuple(entry["shape"])
@@ -207,3 +251,92 @@ class _Shard:
         flat = torch.frombuffer(self.mm, dtype=dtype, count=(end - begin) // dtype.itemsize,
                                 offset=self.start + begin)  # a view of the mapping, no copy
         return flat.view(shape)
+
+
+# --- packed experts straight from the checkpoint (CPU bf16) -------------------------------------
+
+def _expert_sources(checkpoint: SafetensorsCheckpoint, config: ErnieVLConfig) -> dict | None:
+    """{(layer, bank): [(gate, up, down) source names per expert]} when every per-expert tensor
+    is present with its expected shape; None otherwise (the plain path then reports problems)."""
+    t = config.text
+    found: dict[tuple[int, int, str], str] = {}
+    for key in checkpoint:
+        if not _IGNORED.search(key) and (m := _EXPERT.match(_renamed(key))):
+            found[(int(m[1]), int(m[2]), m[3])] = key
+    if not found:
+        return None
+    plan, E, H = {}, t.moe_num_experts, t.hidden_size
+    for i in range(t.num_hidden_layers):
+        if not t.is_moe_layer(i):
+            continue
+        for b, (bank, I) in enumerate(zip(_BANKS, t.moe_intermediate_size)):
+            want = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+            names = [tuple(found.get((i, b * E + e, proj)) for proj in want) for e in range(E)]
+            if any(n is None or checkpoint.shape_of(n) != want[proj]
+                   for triple in names for n, proj in zip(triple, want)):
+                return None
+            plan[(i, bank)] = names
+    used = {n for triple in (t for names in plan.values() for t in names) for n in triple}
+    return plan if used == set(found.values()) else None
+
+
+class _WithStandIns(Mapping):
+    """The checkpoint minus its per-expert tensors, plus zero-byte stacked stand-ins in their place
+    (``to_ours`` checks names and shapes; ``_pack_experts_from`` then fills the banks)."""
+
+    def __init__(self, checkpoint: SafetensorsCheckpoint, plan: dict, config: ErnieVLConfig):
+        self._checkpoint = checkpoint
+        hidden_names = {n for names in plan.values() for triple in names for n in triple}
+        self._keys = [k for k in checkpoint if k not in hidden_names]
+        self._stand_ins = {}
+        E, H = config.text.moe_num_experts, config.text.hidden_size
+        for (i, bank), _ in plan.items():
+            I = config.text.moe_intermediate_size[_BANKS.index(bank)]
+            p = f"model.layers.{i}.mlp.{bank}_experts"
+            self._stand_ins[f"{p}.gate_up_proj"] = torch.zeros((), dtype=torch.bfloat16).expand(E, 2 * I, H)
+            self._stand_ins[f"{p}.down_proj"] = torch.zeros((), dtype=torch.bfloat16).expand(E, H, I)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._stand_ins[name] if name in self._stand_ins else self._checkpoint[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._keys
+        yield from self._stand_ins
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._stand_ins)
+
+
+@torch.no_grad()
+def _pack_experts_from(checkpoint: SafetensorsCheckpoint, plan: dict, model) -> None:
+    """Pack each expert from its checkpoint tensors (no stacked copy), releasing pages as it goes.
+
+    Experts are packed by as many worker threads as torch uses (the packing op releases the GIL).
+    """
+    workers = max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(workers) as pool:
+        for (i, bank), names in plan.items():
+            experts = getattr(model.model.layers[i].mlp, f"{bank}_experts")
+            packer = _ExpertPacker(checkpoint, *checkpoint.shape_of(names[0][0]))
+            experts.packed = PackedBank.from_packed(list(pool.map(packer, names)))
+            experts.gate_up_proj = experts.down_proj = None
+
+
+class _ExpertPacker:
+    """(gate, up, down) source names -> packed (gate_up, down); one reused (2I, H) buffer per thread."""
+
+    def __init__(self, checkpoint: SafetensorsCheckpoint, I: int, H: int):
+        self.checkpoint, self.I, self.H = checkpoint, I, H
+        self.local = threading.local()
+
+    @torch.no_grad()
+    def __call__(self, names: tuple[str, str, str]) -> tuple[Tensor, Tensor]:
+        gate, up, down = names
+        gate_up = getattr(self.local, "buffer", None)
+        if gate_up is None:  # reused: no fresh pages to fault in per expert
+            gate_up = self.local.buffer = torch.empty(2 * self.I, self.H, dtype=torch.bfloat16)  # (2I, H)
+        gate_up[:self.I].copy_(self.checkpoint[gate])
+        gate_up[self.I:].copy_(self.checkpoint[up])
+        pair = PackedBank.pack_pair(gate_up, self.checkpoint[down].to(torch.bfloat16))
+        self.checkpoint.release_pages([gate, up, down])
+        return pair

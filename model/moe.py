@@ -12,14 +12,18 @@ run on every token and are added to whichever bank handled it.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import TextConfig
+from model.packing import PackedBank, packed_linear
 
-# Below this many (token, expert) slots a bank gathers the chosen experts' weights and runs one
-# batched matmul (no host sync); above it, slots are sorted by expert and run as segments.
+# Up to this many (token, expert) slots (decode) a bank runs each chosen expert on views of its
+# weights, grouped on the host; above it (prefill), slots are sorted by expert into segments. No
+# path gathers (copies) expert weights: at batch 1 that would double the bytes read per token.
 GATHER_MAX_SLOTS = 16
 
 
@@ -63,49 +67,102 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts with stacked weights: gate_up_proj (E, 2I, H) gate rows first, down_proj (E, H, I)."""
+    """E SwiGLU experts with stacked weights: gate_up_proj (E, 2I, H) gate rows first, down_proj (E, H, I).
+
+    ``packed`` is None, or after ``pack()`` (CPU bf16 inference, see model/packing.py) a
+    ``PackedBank`` with one pre-packed (gate_up, down) pair per expert; the stacked parameters
+    are then released, and ``state_dict`` rebuilds them from the packed weights.
+    """
 
     def __init__(self, num_experts: int, hidden: int, width: int):
         super().__init__()
+        self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
+        self.packed = None
+
+    def pack(self) -> None:
+        """Pack every expert's weights for CPU inference and drop the stacked parameters."""
+        self.packed = PackedBank(self.gate_up_proj, self.down_proj)
+        self.gate_up_proj = self.down_proj = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed is not None:
+            destination[prefix + "gate_up_proj"], destination[prefix + "down_proj"] = self.packed.dense()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if self.packed is not None:
+            names = (prefix + "gate_up_proj", prefix + "down_proj")
+            missing_keys.extend(n for n in names if n not in state_dict)
+            if all(n in state_dict for n in names):
+                self.packed = PackedBank(*(state_dict[n].to(torch.bfloat16) for n in names))
+            state_dict = {k: v for k, v in state_dict.items() if k not in names}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H), experts/weights (N, K) -> weighted sum of the chosen experts' outputs (N, H)."""
         N, K = experts.shape
-        slot_x = x.repeat_interleave(K, dim=0)  # (N*K, H): slot n*K + k is token n's k-th choice
-        flat = experts.reshape(-1)  # (N*K,)
+        flat = experts.reshape(-1)  # (S,) with S = N*K: slot n*K + k is token n's k-th choice
         if flat.numel() <= GATHER_MAX_SLOTS:
-            y = self._gathered(slot_x, flat)
+            y = self._grouped(x, flat.tolist(), K)
         else:
-            y = self._segmented(slot_x, flat)
+            y = self._segmented(x, flat, K)
         y = y.view(N, K, -1) * weights.unsqueeze(-1).to(y.dtype)  # (N, K, H)
         return y.sum(dim=1)
 
-    def _swiglu(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, down)
+    def _gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's fused gate/up projection: x (n, H) -> (n, 2I), gate columns first."""
+        if self.packed is not None:
+            return packed_linear(x, self.packed[e][0])
+        return F.linear(x, self.gate_up_proj[e])
 
-    def _gathered(self, slot_x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """Few slots (decode): gather each slot's expert weights and run batched matmuls."""
-        gate_up = self.gate_up_proj[flat]  # (S, 2I, H)
-        down = self.down_proj[flat]  # (S, H, I)
-        h = torch.bmm(gate_up, slot_x.unsqueeze(-1)).squeeze(-1)  # (S, 2I)
-        gate, up = h.chunk(2, dim=-1)
-        return torch.bmm(down, (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # (S, H)
+    def _down(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's down projection: h (n, I) -> (n, H)."""
+        if self.packed is not None:
+            return packed_linear(h, self.packed[e][1])
+        return F.linear(h, self.down_proj[e])
 
-    def _segmented(self, slot_x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """Many slots (prefill): sort slots by expert, one matmul per contiguous segment."""
+    @staticmethod
+    def _act(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)  # (n, I) each
+        return F.silu(gate) * up
+
+    def _swiglu(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e on x (n, H) -> (n, H)."""
+        return self._down(self._act(self._gate_up(x, e)), e)
+
+    def _grouped(self, x: torch.Tensor, flat: list[int], K: int) -> torch.Tensor:
+        """Few slots (decode): each distinct chosen expert runs once on the tokens that chose it."""
+        y = x.new_empty(len(flat), x.shape[-1])  # (S, H)
+        slots_of: dict[int, list[int]] = {}
+        for s, e in enumerate(flat):
+            slots_of.setdefault(e, []).append(s)
+        for e, slots in slots_of.items():
+            if len(slots) == 1:
+                s = slots[0]
+                y[s:s + 1] = self._swiglu(x[s // K:s // K + 1], e)
+            else:
+                idx = torch.tensor(slots, device=x.device)
+                y[idx] = self._swiglu(x[idx // K], e)
+        return y
+
+    def _segmented(self, x: torch.Tensor, flat: torch.Tensor, K: int) -> torch.Tensor:
+        """Many slots (prefill): sort slots by expert, one matmul per contiguous segment.
+
+        The activation runs once over all slots rather than once per expert: fewer, larger
+        elementwise ops (each one a parallel region with its own thread synchronisation).
+        """
         order = torch.argsort(flat, stable=True)  # (S,)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()  # one host sync
-        sorted_x = slot_x[order]
-        out = torch.empty_like(sorted_x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                seg = slice(start, start + n)
-                out[seg] = self._swiglu(sorted_x[seg], self.gate_up_proj[e], self.down_proj[e])
-                start += n
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync
+        sorted_x = x[order // K]  # (S, H): slot s holds token s // K
+        starts = [0, *accumulate(counts)]
+        segments = [(e, slice(starts[e], starts[e] + n)) for e, n in enumerate(counts) if n]
+        h = torch.cat([self._gate_up(sorted_x[seg], e) for e, seg in segments])  # (S, 2I)
+        h = self._act(h)  # (S, I)
+        out = torch.cat([self._down(h[seg], e) for e, seg in segments])  # (S, H)
         y = torch.empty_like(out)
         y[order] = out
         return y

@@ -1,0 +1,174 @@
+"""CPU inference transform: pre-pack bf16 linear weights into oneDNN's blocked layout.
+
+Why: on CPU, ``F.linear`` with a plain bf16 weight re-lays the weight out on every call, so a
+batch-1 decode step streams each weight about three times and reaches a fraction of the memory
+bandwidth. A weight packed once (``torch.ops.mkldnn._reorder_linear_weight``) is read once per
+call by a kernel that uses the CPU's bf16 dot products; the results are bit-identical to
+``F.linear`` (tests/test_perf_paths.py checks it).
+
+``pack_for_cpu(model)`` rewrites a loaded model in place: decoder ``nn.Linear`` layers become
+``PackedLinear``, every expert bank gets one packed (gate_up, down) pair per expert (its stacked
+parameters are released), and the vocabulary projection gets a packed copy (the tied embedding
+itself stays, for lookups). Packed tensors are opaque; ``state_dict`` still returns the plain
+weights under the usual names. The result is for inference only: packed layers have no backward,
+so the model's parameters are frozen (``requires_grad`` False) and an input that needs a gradient
+is refused with an ErnieError.
+The vision tower is left alone (its matmuls are large and compute-bound).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.errors import ErnieError
+
+
+def packing_available() -> bool:
+    """True when this torch build has oneDNN with the weight-packing ops (x86/ARM CPU builds)."""
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A (N, K) CPU bf16 weight -> an opaque packed (N, K) weight for ``packed_linear``."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for a packed W; x (..., K) bf16 -> (..., N)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ErnieError("a model packed by pack_for_cpu is for inference only and has no backward",
+                         hint="run it under torch.no_grad(), or train an unpacked model")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` whose weight is packed; ``state_dict`` gives (and takes) the plain weight."""
+
+    def __init__(self, linear: nn.Linear, packed_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed_weight = pack_weight(linear.weight) if packed_weight is None else packed_weight
+        self.register_buffer("packed_weight", packed_weight, persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed_weight, self.bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.packed_weight.to_dense()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        weight = state_dict.get(prefix + "weight")
+        if weight is None:
+            missing_keys.append(prefix + "weight")
+        else:
+            self.packed_weight = pack_weight(weight.to(torch.bfloat16))
+        rest = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class PackedBank(nn.Module):
+    """Per-expert packed weights of one bank as buffers ``gate_up_{e}`` (2I, H) and ``down_{e}`` (H, I)."""
+
+    def __init__(self, gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None):
+        """From stacked (E, 2I, H) and (E, H, I) weights; empty when none are given."""
+        super().__init__()
+        self.num_experts = 0
+        if gate_up is not None:
+            for e in range(gate_up.shape[0]):
+                self._append(*self.pack_pair(gate_up[e], down[e]))
+
+    @staticmethod
+    def pack_pair(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pack_weight(gate_up), pack_weight(down)
+
+    @classmethod
+    def from_packed(cls, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> "PackedBank":
+        """From already packed (gate_up, down) pairs, one per expert."""
+        bank = cls()
+        for gate_up, down in pairs:
+            bank._append(gate_up, down)
+        return bank
+
+    def _append(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        self.register_buffer(f"gate_up_{self.num_experts}", gate_up, persistent=False)
+        self.register_buffer(f"down_{self.num_experts}", down, persistent=False)
+        self.num_experts += 1
+
+    def __getitem__(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"gate_up_{e}"), getattr(self, f"down_{e}")
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain stacked (E, 2I, H) and (E, H, I) weights."""
+        pairs = [self[e] for e in range(self.num_experts)]
+        return torch.stack([g.to_dense() for g, _ in pairs]), torch.stack([d.to_dense() for _, d in pairs])
+
+
+def can_pack(model: nn.Module) -> bool:
+    """Packing applies to a CPU model whose decoder weights are bf16, on a torch with oneDNN."""
+    weight = model.output_weight
+    return packing_available() and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def pack_for_cpu(model: nn.Module, release=None) -> nn.Module:
+    """Pack the text decoder and the vocabulary projection of ``model`` (an ErnieVL) in place.
+
+    A model that cannot be packed (not CPU bf16, no oneDNN) is returned unchanged; banks packed
+    already are kept. Weights are packed by as many threads as torch uses (the op releases the
+    GIL). ``release()``, when given, runs after each packed weight (the loader drops checkpoint
+    pages that were just copied, to keep its peak memory down).
+    """
+    from model.moe import Experts
+
+    if not can_pack(model):
+        return model
+    linears, banks = [], []
+    for parent in model.model.layers.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16:
+                linears.append((parent, name, child))
+            elif isinstance(child, Experts) and child.packed is None and child.gate_up_proj.dtype == torch.bfloat16:
+                banks.append(child)
+
+    def job(weight: torch.Tensor) -> torch.Tensor:
+        packed = pack_weight(weight)
+        if release is not None:
+            release()
+        return packed
+
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        head = pool.submit(job, model.output_weight)
+        packed = list(pool.map(job, [linear.weight for _, _, linear in linears]))
+        for (parent, name, linear), weight in zip(linears, packed):
+            setattr(parent, name, PackedLinear(linear, weight))
+        for bank in banks:
+            bank.pack()
+        if model.packed_head is None:  # first packing: keep the copy in step with later weight loads
+            model.register_load_state_dict_post_hook(_repack_head)
+        model.packed_head = head.result()
+    return model.requires_grad_(False)  # inference only: forward works without torch.no_grad()
+
+
+def _repack_head(model: nn.Module, incompatible_keys) -> None:
+    with torch.no_grad():
+        model.packed_head = pack_weight(model.output_weight)
+
+
+def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+    """hidden (B, T, H) -> logits (B, T, V), through the packed projection when there is one."""
+    if packed is not None and hidden.dtype == torch.bfloat16:
+        return packed_linear(hidden, packed)
+    return F.linear(hidden, weight)

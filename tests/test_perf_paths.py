@@ -1,0 +1,157 @@
+"""Tier 3: every fast path equals the plain path it replaces, on tiny random bf16 models.
+
+Fast paths: oneDNN-packed weights for CPU bf16 inference (model/packing.py), the grouped
+few-slot expert dispatch (decode) vs sorted segments (prefill), and the loader choosing packing.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from model import ErnieVL
+from model import moe
+from model.errors import ErnieError
+from model.generate import GenerationConfig, generate
+from model.loading import load_pretrained
+from model.moe import Experts
+from model.packing import PackedLinear, can_pack, pack_for_cpu, packing_available
+from tests.helpers.checkpoints import make_checkpoint_from_ours
+from tests.helpers.reference import make_inputs, our_config, randomize_
+
+needs_packing = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN packing")
+
+
+def _bf16_model(name: str, seed: int = 0) -> ErnieVL:
+    torch.manual_seed(seed)
+    model = ErnieVL(our_config(name)).eval()
+    randomize_(model, seed)
+    model.to(torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, moe.Router):
+            m.float()
+    return model
+
+
+@pytest.fixture(scope="module", params=["A", "B"])
+def pair(request):
+    """(plain, packed) copies of one tiny bf16 model; B has an untied lm_head."""
+    plain = _bf16_model(request.param)
+    return plain, pack_for_cpu(copy.deepcopy(plain))
+
+
+@needs_packing
+def test_packing_really_replaces_the_decoder_weights(pair):
+    _, packed = pair
+    layers = packed.model.layers
+    assert isinstance(layers[0].self_attn.q_proj, PackedLinear)
+    banks = [m for m in packed.modules() if isinstance(m, Experts)]
+    assert banks and all(b.packed is not None and b.gate_up_proj is None for b in banks)
+    assert packed.packed_head is not None
+    assert not any(isinstance(m, PackedLinear) for m in packed.vision_model.modules())
+
+
+@needs_packing
+def test_packed_forward_equals_plain_forward_with_image_and_video(pair):
+    plain, packed = pair
+    inputs = make_inputs("image_video", labels=False)
+    with torch.no_grad():
+        want, got = plain(**inputs).logits, packed(**inputs).logits
+    assert want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@needs_packing
+def test_packed_greedy_generation_equals_plain(pair):
+    plain, packed = pair
+    inputs = make_inputs("padded_batch", labels=False)
+    config = GenerationConfig(max_new_tokens=6, eos_token_id=())
+    want = generate(plain, config=config, **inputs)
+    assert torch.equal(generate(packed, config=config, **inputs), want)
+
+
+@needs_packing
+def test_packed_state_dict_gives_back_the_plain_weights(pair):
+    plain, packed = pair
+    want, got = plain.state_dict(), packed.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+@needs_packing
+def test_packed_model_loads_a_new_state_dict():
+    packed = pack_for_cpu(_bf16_model("A", seed=0))
+    other = _bf16_model("A", seed=1)
+    packed.load_state_dict(other.state_dict(), strict=True)
+    inputs = make_inputs("text", labels=False)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(**inputs).logits, other(**inputs).logits, atol=0, rtol=0)
+
+
+@needs_packing
+def test_packed_model_runs_without_no_grad_but_refuses_backward_with_a_clear_error():
+    packed = pack_for_cpu(_bf16_model("A"))
+    inputs = make_inputs("text")
+    assert not any(p.requires_grad for p in packed.parameters())
+    assert packed(**inputs).loss is not None  # plain inference call, grad mode on: fine
+    x = packed.model.embed_tokens(inputs["input_ids"]).detach().requires_grad_()
+    with pytest.raises(ErnieError, match="inference only"):
+        packed(inputs_embeds=x, labels=inputs["labels"])
+
+
+def test_fp32_models_are_left_unpacked():
+    model = ErnieVL(our_config("A")).eval()
+    assert not can_pack(model)
+    assert pack_for_cpu(model) is model and model.packed_head is None
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_grouped_decode_dispatch_equals_segments_with_repeated_experts(monkeypatch, bf16):
+    """Three tokens x top-2 over 3 experts: experts repeat across tokens, and each token's pair differs."""
+    bank = Experts(3, 64, 32)
+    with torch.no_grad():
+        bank.gate_up_proj.normal_(0, 0.2)
+        bank.down_proj.normal_(0, 0.2)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    experts = torch.tensor([[0, 2], [2, 1], [0, 1]])
+    weights = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]])
+    if bf16:
+        bank, x = bank.to(torch.bfloat16), x.bfloat16()
+    with torch.no_grad():
+        monkeypatch.setattr(moe, "GATHER_MAX_SLOTS", 0)
+        segmented = bank(x, experts, weights)
+        monkeypatch.setattr(moe, "GATHER_MAX_SLOTS", 16)
+        grouped = bank(x, experts, weights)
+        torch.testing.assert_close(grouped, segmented, atol=0, rtol=0)
+        if bf16 and packing_available():
+            bank.pack()
+            torch.testing.assert_close(bank(x, experts, weights), segmented, atol=0, rtol=0)
+
+
+def test_grouped_dispatch_keeps_autograd_for_training():
+    bank = Experts(3, 16, 8)
+    with torch.no_grad():
+        bank.gate_up_proj.normal_(0, 0.2)
+        bank.down_proj.normal_(0, 0.2)
+    x = torch.randn(2, 16)
+    bank(x, torch.tensor([[0, 1], [1, 2]]), torch.full((2, 2), 0.5)).sum().backward()
+    assert bank.gate_up_proj.grad is not None and bank.gate_up_proj.grad[0].abs().sum() > 0
+    assert bank.down_proj.grad[2].abs().sum() > 0
+
+
+@needs_packing
+def test_loader_packs_cpu_bf16_unless_told_not_to(tmp_path):
+    plain = _bf16_model("A")
+    config = plain.config
+    make_checkpoint_from_ours(tmp_path, plain.state_dict(), config, layout="baidu", n_shards=2)
+    fast = load_pretrained(str(tmp_path), dtype="bfloat16", device="cpu")
+    slow = load_pretrained(str(tmp_path), dtype="bfloat16", device="cpu", pack=False)
+    assert fast.packed_head is not None and slow.packed_head is None
+    inputs = make_inputs("image", labels=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**inputs).logits, slow(**inputs).logits, atol=0, rtol=0)
+        torch.testing.assert_close(slow(**inputs).logits, plain(**inputs).logits, atol=0, rtol=0)
