@@ -27,7 +27,7 @@ from model.config import ErnieVLConfig
 from model.errors import CheckpointError, ErnieError
 from model.hub import DEFAULT_REPO, resolve
 from model.packing import PackedBank, pack_for_cpu, packing_available
-from model.weights import _BANKS, _EXPERT, _IGNORED, _renamed
+from model.weights import BANKS, PER_EXPERT_KEY, IGNORED, renamed
 from model.weights import to_ours
 
 INDEX = "model.safetensors.index.json"
@@ -261,7 +261,7 @@ def _expert_sources(checkpoint: SafetensorsCheckpoint, config: ErnieVLConfig) ->
     t = config.text
     found: dict[tuple[int, int, str], str] = {}
     for key in checkpoint:
-        if not _IGNORED.search(key) and (m := _EXPERT.match(_renamed(key))):
+        if not IGNORED.search(key) and (m := PER_EXPERT_KEY.match(renamed(key))):
             found[(int(m[1]), int(m[2]), m[3])] = key
     if not found:
         return None
@@ -269,7 +269,7 @@ def _expert_sources(checkpoint: SafetensorsCheckpoint, config: ErnieVLConfig) ->
     for i in range(t.num_hidden_layers):
         if not t.is_moe_layer(i):
             continue
-        for b, (bank, I) in enumerate(zip(_BANKS, t.moe_intermediate_size)):
+        for b, (bank, I) in enumerate(zip(BANKS, t.moe_intermediate_size)):
             want = {"gate": (I, H), "up": (I, H), "down": (H, I)}
             names = [tuple(found.get((i, b * E + e, proj)) for proj in want) for e in range(E)]
             if any(n is None or checkpoint.shape_of(n) != want[proj]
@@ -291,7 +291,7 @@ class _WithStandIns(Mapping):
         self._stand_ins = {}
         E, H = config.text.moe_num_experts, config.text.hidden_size
         for (i, bank), _ in plan.items():
-            I = config.text.moe_intermediate_size[_BANKS.index(bank)]
+            I = config.text.moe_intermediate_size[BANKS.index(bank)]
             p = f"model.layers.{i}.mlp.{bank}_experts"
             self._stand_ins[f"{p}.gate_up_proj"] = torch.zeros((), dtype=torch.bfloat16).expand(E, 2 * I, H)
             self._stand_ins[f"{p}.down_proj"] = torch.zeros((), dtype=torch.bfloat16).expand(E, H, I)

@@ -30,7 +30,7 @@ from model.errors import CheckpointError
 
 Shape = tuple[int, ...]
 
-_IGNORED = re.compile(r"(^|\.)mtp")
+IGNORED = re.compile(r"(^|\.)mtp")
 _RENAMES = [  # (pattern, replacement), applied in order to every key
     (re.compile(r"^model\.(vision_model|vision_tower)\."), "vision_model."),
     (re.compile(r"^model\.language_model\."), "model."),
@@ -42,11 +42,11 @@ _RENAMES = [  # (pattern, replacement), applied in order to every key
     (re.compile(r"\.mlp\.(text|vision)_moe\.gate\.weight$"), r".mlp.\1_router.weight"),
     (re.compile(r"\.mlp\.(text|vision)_moe\.experts\."), r".mlp.\1_experts."),
 ]
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+PER_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight(_1)?$")
 _STATICS = re.compile(r"^model\.layers\.(\d+)\.mlp\.moe_statics\.e_score_correction_bias$")
 _FP32 = re.compile(r"_router\.(weight|e_score_correction_bias)$")  # routing runs in fp32
-_BANKS = ("text", "vision")
+BANKS = ("text", "vision")
 
 
 # --- the expected state dict ------------------------------------------------------------------
@@ -90,7 +90,7 @@ def _layer_shapes(config: ErnieVLConfig, i: int) -> dict[str, Shape]:
     if not t.is_moe_layer(i):
         return {**shapes, **_mlp(f"{p}.mlp", H, t.intermediate_size, b)}
     E = t.moe_num_experts
-    for bank, I in zip(_BANKS, t.moe_intermediate_size):
+    for bank, I in zip(BANKS, t.moe_intermediate_size):
         shapes[f"{p}.mlp.{bank}_router.weight"] = (E, H)
         shapes[f"{p}.mlp.{bank}_router.e_score_correction_bias"] = (E,)
         shapes[f"{p}.mlp.{bank}_experts.gate_up_proj"] = (E, 2 * I, H)
@@ -162,7 +162,7 @@ def _listing(keys: list[str], what: str, limit: int = 8) -> str:
     return f"{len(keys)} {what} ({shown}{more})"
 
 
-def _renamed(key: str) -> str:
+def renamed(key: str) -> str:
     for pattern, repl in _RENAMES:
         key = pattern.sub(repl, key)
     return key
@@ -181,13 +181,13 @@ def to_ours(state: Mapping[str, Tensor], config: ErnieVLConfig, dtype: torch.dty
     problems, out = _Problems(), {}
     experts: dict[int, dict[tuple[int, str], str]] = {}  # layer -> (expert, proj) -> source key
     for key in state:
-        if _IGNORED.search(key) or (key == "lm_head.weight" and t.tie_word_embeddings):
+        if IGNORED.search(key) or (key == "lm_head.weight" and t.tie_word_embeddings):
             continue
-        name = _renamed(key)
-        if m := _EXPERT.match(name):
+        name = renamed(key)
+        if m := PER_EXPERT_KEY.match(name):
             experts.setdefault(int(m[1]), {})[(int(m[2]), m[3])] = key
         elif m := _ROUTER.match(name):
-            _put_router(out, problems, state[key], key, int(m[1]), _BANKS[bool(m[2])], config, dtype, device)
+            _put_router(out, problems, state[key], key, int(m[1]), BANKS[bool(m[2])], config, dtype, device)
         elif m := _STATICS.match(name):
             _put_statics(out, problems, state[key], key, int(m[1]), config, device)
         elif name in out:
@@ -221,7 +221,7 @@ def _put_router(out: dict, problems: _Problems, x: Tensor, key: str, i: int, ban
 
 def _put_statics(out: dict, problems: _Problems, x: Tensor, key: str, i: int,
                  config: ErnieVLConfig, device: Any) -> None:
-    names = [f"model.layers.{i}.mlp.{bank}_router.e_score_correction_bias" for bank in _BANKS]
+    names = [f"model.layers.{i}.mlp.{bank}_router.e_score_correction_bias" for bank in BANKS]
     problems.covered.update(names)
     if i >= config.text.num_hidden_layers or not config.text.is_moe_layer(i):
         problems.unexpected.append(key)
@@ -240,7 +240,7 @@ def _put_experts(out: dict, problems: _Problems, state: Mapping[str, Tensor],
         problems.unexpected.extend(sources.values())
         return
     problems.unexpected.extend(k for (e, _), k in sources.items() if e >= 2 * E)
-    for b, (bank, I) in enumerate(zip(_BANKS, t.moe_intermediate_size)):
+    for b, (bank, I) in enumerate(zip(BANKS, t.moe_intermediate_size)):
         gate_up, down = f"{p}.{bank}_experts.gate_up_proj", f"{p}.{bank}_experts.down_proj"
         bank_keys = {(e - b * E, proj): k for (e, proj), k in sources.items() if b * E <= e < (b + 1) * E}
         if not bank_keys:
@@ -294,7 +294,7 @@ def to_baidu(state: Mapping[str, Tensor], config: ErnieVLConfig) -> dict[str, Te
             vision = ours[name.replace("text_router", "vision_router")]
             out[f"{m[1]}.moe_statics.e_score_correction_bias"] = torch.stack([x, vision])  # (2, E)
         elif m := re.match(r"^(model\.layers\.\d+\.mlp)\.(text|vision)_experts\.(gate_up|down)_proj$", name):
-            _unstack(out, m[1], _BANKS.index(m[2]) * E, m[3], x, t.moe_intermediate_size[_BANKS.index(m[2])])
+            _unstack(out, m[1], BANKS.index(m[2]) * E, m[3], x, t.moe_intermediate_size[BANKS.index(m[2])])
         elif "vision_router.e_score" not in name:
             out[_baidu_name(name)] = x.contiguous().clone()
     return out
