@@ -149,6 +149,8 @@ class ErnieVL(nn.Module):
         num_slots = max(past_len, int(cache_position.max()) + 1) if cache is not None else T
         mask = build_attention_mask(attention_mask, cache_position, num_slots, cached=cache is not None)
         vision_mask = moe_mm_token_type_ids != 0 if moe_mm_token_type_ids is not None else None
+        if vision_mask is not None and not bool(vision_mask.any()):
+            vision_mask = None  # one check per forward, not one per MoE layer (every decode step)
         hidden, router_logits = self.model(inputs_embeds, position_ids, mask, vision_mask, cache, cache_position)
         hidden = _keep_last(hidden, logits_to_keep)
         logits = vocab_logits(hidden, self.output_weight, self.packed_head)  # (B, T_kept, V)

@@ -155,3 +155,38 @@ def test_loader_packs_cpu_bf16_unless_told_not_to(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fast(**inputs).logits, slow(**inputs).logits, atol=0, rtol=0)
         torch.testing.assert_close(slow(**inputs).logits, plain(**inputs).logits, atol=0, rtol=0)
+
+
+def test_segmented_dispatch_equals_a_per_token_loop_with_unused_experts():
+    """Many slots (the prefill path) over 8 experts of which only 3 are chosen: each token's
+    output is the weighted sum of its own experts, whatever order the segments run in."""
+    torch.manual_seed(0)
+    bank = Experts(8, 32, 16)
+    with torch.no_grad():
+        bank.gate_up_proj.normal_(0, 0.2)
+        bank.down_proj.normal_(0, 0.2)
+    x = torch.randn(12, 32)
+    experts = torch.tensor([[5, 1], [1, 7], [7, 5]]).repeat(4, 1)  # (12, 2): experts 0, 2, 3, 4, 6 unused
+    weights = torch.rand(12, 2)
+    assert experts.numel() > moe.GATHER_MAX_SLOTS
+    with torch.no_grad():
+        got = bank(x, experts, weights)
+        for n in range(12):
+            want = sum(weights[n, k] * bank._swiglu(x[n:n + 1], int(experts[n, k]))[0] for k in range(2))
+            torch.testing.assert_close(got[n], want, atol=1e-6, rtol=1e-5)
+
+
+def test_segmented_dispatch_keeps_autograd_for_training():
+    """The prefill path writes expert outputs into slots in place; gradients still reach exactly
+    the chosen experts and the input."""
+    torch.manual_seed(0)
+    bank = Experts(4, 16, 8)
+    with torch.no_grad():
+        bank.gate_up_proj.normal_(0, 0.2)
+        bank.down_proj.normal_(0, 0.2)
+    x = torch.randn(10, 16, requires_grad=True)
+    experts = torch.tensor([[0, 2]]).repeat(10, 1)  # 20 slots > GATHER_MAX_SLOTS; 1 and 3 unused
+    bank(x, experts, torch.full((10, 2), 0.5)).sum().backward()
+    used = bank.gate_up_proj.grad.abs().sum(dim=(1, 2))  # (E,)
+    assert used[0] > 0 and used[2] > 0 and used[1] == 0 and used[3] == 0
+    assert x.grad is not None and x.grad.abs().sum() > 0
