@@ -1,0 +1,368 @@
+"""Train ernie-tiny: a few-MB ERNIE 4.5 VL MoE that describes synthetic shapes scenes and clips.
+
+The model is our own architecture at toy scale (dense first layer, MoE layers with text and
+vision expert banks, 3D RoPE, the variable-resolution resampler), trained from scratch on
+scripts/shapes.py data through the same processor that serves it, and saved in Baidu's layout
+next to its tokenizer, processor configs and font, so ``ernie describe x.png --model ernie-tiny``
+loads it like any other checkpoint.
+
+    python scripts/train_tiny.py --out ernie_cli/assets/ernie-tiny --minutes 25 --seed 0
+
+Curriculum (fractions of the time budget): single shapes first, then 1-3 shapes with clips mixed
+in. The loss covers the answer tokens only (labels -100 elsewhere). One update sees ``--batch``
+samples (one left-padded batch, as batched inference builds it) times ``--accum``: with one
+sample per update the model never starts looking at the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import shapes  # noqa: E402
+
+# ERNIE's special tokens, in the order that fixes their ids (0..10) in the tiny vocabulary.
+SPECIAL_TOKENS = [
+    "<unk>", "<|begin_of_sentence|>", "<|end_of_sentence|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_START|>",
+    "<|IMAGE_END|>", "<|VIDEO_START|>", "<|VIDEO_END|>", "<|VIDEO_PLACEHOLDER|>", "<think>", "</think>",
+]
+VOCAB_SIZE = 512
+FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+FONT_LICENSE = Path("/usr/share/doc/fonts-dejavu-core/copyright")
+
+# Processor settings written into the checkpoint (inference uses exactly these).
+IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 56 * 56, 224 * 224  # <= 64 merged tokens per image
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 56 * 56, 112 * 112  # <= 16 merged tokens per frame pair
+VIDEO_FPS, VIDEO_MIN_FRAMES, VIDEO_MAX_FRAMES = 1.0, 4, 8
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+# --- tokenizer --------------------------------------------------------------------------------
+
+def _corpus() -> list[str]:
+    """Every answer word and prompt piece, repeated so BPE merges them into whole tokens."""
+    scenes = [shapes.describe([shapes.Shape(k, c, (0, 0, 0), 0.0, 0.0, 1.0)]) for c in shapes.COLOURS for k in shapes.KINDS]
+    things = [t.rstrip(".").lower() for t in scenes]  # "a red circle", "an orange square", ...
+    lines = [shapes.IMAGE_PROMPT, shapes.VIDEO_PROMPT, "User: ", "\nAssistant: ", "Picture 1:", "Video 1:",
+             "Picture 2:", "Video 2:", "<think>\n\n</think>\n\n"]
+    lines += scenes + [f"{t.capitalize()} and {u}." for t in things for u in things[:6]]
+    lines += [f"{t.capitalize()}, {t} and {t}." for t in things]
+    lines += [f"{t.capitalize()} moves from {d}." for t in things for d in shapes.DIRECTIONS]
+    return lines * 4
+
+
+def build_tokenizer():
+    """ERNIE-style BPE for the shapes domain: special tokens at ids 0..10, then the 256
+    byte-fallback tokens <0x00>..<0xFF> (so any UTF-8 text still encodes), then learned pieces,
+    with spaces written as "▁" as in ERNIE's SentencePiece vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    draft = Tokenizer(models.BPE(unk_token="<unk>"))
+    draft.pre_tokenizer = metaspace
+    draft.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - 256, special_tokens=SPECIAL_TOKENS, show_progress=False))
+    learned = json.loads(draft.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"<0x{b:02X}>": len(SPECIAL_TOKENS) + b for b in range(256)})
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok
+
+
+NAMED_TOKENS = {
+    "image_token": "<|IMAGE_PLACEHOLDER|>", "image_start_token": "<|IMAGE_START|>",
+    "image_end_token": "<|IMAGE_END|>", "video_token": "<|VIDEO_PLACEHOLDER|>",
+    "video_start_token": "<|VIDEO_START|>", "video_end_token": "<|VIDEO_END|>",
+}
+
+
+def tokenizer_config() -> dict:
+    """tokenizer_config.json naming the special tokens as transformers' conversion script does."""
+    return {
+        "tokenizer_class": "TokenizersBackend", "model_max_length": 4096,
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "bos_token": "<|begin_of_sentence|>", "eos_token": "<|end_of_sentence|>", "unk_token": "<unk>",
+        "pad_token": "<unk>", "cls_token": "<|begin_of_sentence|>", "sep_token": "<|end_of_sentence|>",
+        "extra_special_tokens": SPECIAL_TOKENS[3:], **NAMED_TOKENS,
+    }
+
+
+# --- model and checkpoint files ---------------------------------------------------------------
+
+def tiny_config(tok):
+    """hidden 128, 3 text layers (dense, MoE, MoE: 4+4 experts top-2, 1 shared), vision 2x96."""
+    from model.config import ErnieVLConfig, TextConfig, VisionConfig
+
+    ids = {name: tok.token_to_id(t) for name, t in NAMED_TOKENS.items()}
+    text = TextConfig(
+        vocab_size=64 * math.ceil(tok.get_vocab_size() / 64), hidden_size=128, intermediate_size=256,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim_override=32,
+        max_position_embeddings=4096, rope_theta=500000.0, mrope_section=(6, 6, 4), moe_k=2, moe_num_experts=4,
+        moe_intermediate_size=(64, 64), moe_num_shared_experts=1, mlp_layer_types=("dense", "sparse", "sparse"),
+        pad_token_id=tok.token_to_id("<unk>"), bos_token_id=tok.token_to_id("<|begin_of_sentence|>"),
+        eos_token_id=(tok.token_to_id("<|end_of_sentence|>"),),
+    )
+    vision = VisionConfig(depth=2, hidden_size=96, intermediate_size=384, num_heads=3)
+    return ErnieVLConfig(text=text, vision=vision, image_token_id=ids["image_token"],
+                         image_start_token_id=ids["image_start_token"], image_end_token_id=ids["image_end_token"],
+                         video_token_id=ids["video_token"], video_start_token_id=ids["video_start_token"],
+                         video_end_token_id=ids["video_end_token"])
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def image_processor_config() -> dict:
+    return {
+        "do_convert_rgb": True, "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "patch_size": 14, "temporal_patch_size": 1, "merge_size": 2,
+        "size": {"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS},
+        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "image_processor_type": "Ernie4_5_VLMoeImageProcessor",
+    }
+
+
+def video_processor_config() -> dict:
+    return {
+        "size": {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS}, "font": FONT.name,
+        "do_convert_rgb": True, "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "do_sample_frames": True, "fps": VIDEO_FPS, "return_metadata": False,
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "min_frames": VIDEO_MIN_FRAMES,
+        "max_frames": VIDEO_MAX_FRAMES, "draw_on_frames": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "video_processor_type": "Ernie4_5_VLMoeVideoProcessor",
+    }
+
+
+def write_text_files(out: Path, tok, config) -> None:
+    """Everything but the weights: tokenizer, processor configs, font (+ license), configs."""
+    from model.weights import config_to_baidu_dict
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    _write_json(out / "tokenizer_config.json", tokenizer_config())
+    image_cfg, video_cfg = image_processor_config(), video_processor_config()
+    _write_json(out / "processor_config.json", {"image_processor": image_cfg, "video_processor": video_cfg,
+                                                "processor_class": "Ernie4_5_VLMoeProcessor"})
+    _write_json(out / "preprocessor_config.json", {**image_cfg, "processor_class": "Ernie4_5_VLMoeProcessor"})
+    _write_json(out / "video_preprocessor_config.json", {**video_cfg, "processor_class": "Ernie4_5_VLMoeProcessor"})
+    shutil.copyfile(FONT, out / FONT.name)
+    shutil.copyfile(FONT_LICENSE, out / "DejaVuSans-LICENSE.txt")
+    _write_json(out / "config.json", config_to_baidu_dict(config, dtype=torch.float32))
+    _write_json(out / "generation_config.json", {
+        "bos_token_id": config.text.bos_token_id, "eos_token_id": list(config.text.eos_token_id),
+        "pad_token_id": config.text.pad_token_id, "do_sample": False, "max_new_tokens": 32,
+    })
+
+
+def save_weights(out: Path, model, config) -> None:
+    """model.safetensors in Baidu's layout (fp32: 8 MB, and no rounding of a tiny model)."""
+    from safetensors.torch import save_file
+
+    from model.weights import to_baidu
+
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(to_baidu(state, config), str(tmp), metadata={"format": "pt"})
+    tmp.chmod(0o644)
+    tmp.replace(out / "model.safetensors")
+
+
+# --- examples ---------------------------------------------------------------------------------
+
+def conversation(media: dict, prompt: str, media_first: bool = True) -> list[dict]:
+    content = [media, {"type": "text", "text": prompt}]
+    return [{"role": "user", "content": content if media_first else content[::-1]}]
+
+
+def clip_video(clip: shapes.Clip, vcfg):
+    """The frames inference would decode from the clip's MP4 (same sampling, same timestamps)."""
+    from processing.video import DecodedVideo, sample_indices
+
+    idx = sample_indices(clip.n_frames, clip.fps, fps=vcfg.fps, num_frames=vcfg.num_frames,
+                         min_frames=min(vcfg.min_frames, vcfg.max_frames), max_frames=vcfg.max_frames)
+    frames = np.stack([np.asarray(shapes.render_frame(clip, i)) for i in idx])
+    return DecodedVideo(frames=frames, indices=idx, timestamps=[i / clip.fps for i in idx], fps=float(clip.fps),
+                        duration=clip.n_frames / clip.fps, total_frames=clip.n_frames)
+
+
+def random_item(rng: random.Random, processor, progress: float) -> tuple[str, dict, str, str]:
+    """(kind, media, prompt, answer) for the curriculum at ``progress`` (0..1 of the budget):
+    single shapes first, then 1-3 shapes with clips mixed in."""
+    if progress < 0.25:
+        kind, n = "image", 1
+    else:
+        kind = "video" if rng.random() < 0.25 else "image"
+        n = rng.choice((1, 2, 2, 3, 3, 3)) if progress > 0.45 else rng.choice((1, 2))
+    if kind == "video":
+        clip = shapes.random_clip(rng)
+        return kind, clip_video(clip, processor.video_config), shapes.VIDEO_PROMPT, clip.answer
+    scene = shapes.random_scene(rng, n)
+    img = shapes.render(scene)
+    if rng.random() < 0.4:
+        img = shapes.as_jpeg(img, quality=rng.randint(70, 95))
+    return kind, img, shapes.IMAGE_PROMPT, scene.answer
+
+
+def random_batch(rng: random.Random, processor, progress: float, size: int) -> tuple[dict, torch.Tensor, list[str]]:
+    """``size`` examples in one left-padded batch from the real processor; labels cover the answers only."""
+    from processing.chat_format import EOS, render_chat
+
+    texts, images, videos, answers, kinds = [], [], [], [], []
+    eos = processor.tokenizer.eos_token_id
+    for _ in range(size):
+        kind, media, prompt, answer = random_item(rng, processor, progress)
+        messages = conversation({"type": kind}, prompt, media_first=rng.random() < 0.85)
+        texts.append(render_chat(messages, add_generation_prompt=True, enable_thinking=False) + answer + EOS)
+        (videos if kind == "video" else images).append(media)
+        answers.append(processor.tokenizer.encode(answer) + [eos])
+        kinds.append(kind)
+    inputs = processor(text=texts, images=images or None, videos=videos or None, padding_side="left")
+    ids = inputs["input_ids"]
+    labels = torch.full_like(ids, -100)
+    for row, answer in enumerate(answers):
+        n = len(answer)
+        if ids[row, -n:].tolist() != answer:
+            raise RuntimeError(f"the answer does not tokenize the same after its prompt: {texts[row]!r}")
+        labels[row, -n:] = ids[row, -n:]
+    return dict(inputs), labels, kinds
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def learning_rate(step: int, progress: float, peak: float, warmup: int = 40) -> float:
+    """Linear warmup, flat, then cosine down to 5% over the last 40% of the budget."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if progress < 0.6:
+        return peak
+    t = min(1.0, (progress - 0.6) / 0.4)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(args) -> dict:
+    from model.ernie_vl import ErnieVL
+    from processing.processor import ErnieVLProcessor
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tok = build_tokenizer()
+    config = tiny_config(tok)
+    write_text_files(args.out, tok, config)
+    processor = ErnieVLProcessor.from_pretrained(args.out)
+    model = ErnieVL(config).train()
+    if args.init is not None:  # continue from a checkpoint of the same shape (e.g. a longer budget in stages)
+        from model.loading import load_pretrained
+
+        model.load_state_dict(load_pretrained(str(args.init), dtype="float32", device="cpu").state_dict())
+        log(f"initialised from {args.init}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"ernie-tiny: {n_params / 1e6:.2f}M parameters, budget {args.minutes} min, "
+        f"{args.batch}x{args.accum} samples per update, "
+        f"lr {args.lr}, seed {args.seed}")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "router" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "router" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    budget, start, last_save = args.minutes * 60.0, time.time(), time.time()
+    step, samples, smooth, best = 0, 0, None, -1.0
+    while (progress := (time.time() - start) / budget) < 1.0 and step < args.max_updates:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, progress, args.lr)
+        total, kinds = 0.0, []
+        for _ in range(args.accum):
+            inputs, labels, batch_kinds = random_batch(rng, processor, max(progress, args.curriculum_from), args.batch)
+            out = model(**inputs, labels=labels, output_router_logits=True)
+            (out.loss / args.accum).backward()
+            total += out.loss.item() / args.accum
+            kinds += batch_kinds
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step, samples = step + 1, samples + args.accum * args.batch
+        smooth = total if smooth is None else 0.95 * smooth + 0.05 * total
+        if step % 10 == 0:
+            elapsed = time.time() - start
+            log(f"step {step:5d}  loss {smooth:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
+                f"{elapsed / samples * 1000:.0f} ms/sample  {elapsed / 60:.1f} min  videos {kinds.count('video')}/{len(kinds)}")
+        if time.time() - last_save > args.save_every * 60:
+            best = checkpoint(model, config, args, step, best)
+            last_save = time.time()
+    best = checkpoint(model, config, args, step, best)
+    record = {"updates": step, "samples": samples, "batch": args.batch, "accum": args.accum, "seed": args.seed,
+              "lr": args.lr,
+              "minutes": round((time.time() - start) / 60, 1), "final_loss": round(smooth or float("nan"), 4),
+              "best_quick_score": round(best, 3),
+              "parameters": n_params, "threads": args.threads, "curriculum_from": args.curriculum_from,
+              "init": str(args.init) if args.init else None}
+    _write_json(args.out / "training_record.json", record)
+    return record
+
+
+def checkpoint(model, config, args, step: int, best: float) -> float:
+    """Score the model on fresh held-out data; write it only when it is the best so far."""
+    model.eval()
+    score = 0.0
+    if args.quick_eval:
+        from eval_tiny import evaluate_loaded
+        from processing.processor import ErnieVLProcessor
+
+        result = evaluate_loaded(model, ErnieVLProcessor.from_pretrained(args.out), args.quick_eval,
+                                 max(2, args.quick_eval // 3), seed=10_000 + step)
+        score = (3 * result["image_accuracy"] + result["video_accuracy"]) / 4
+        log(f"checkpoint at step {step}: images {result['image_accuracy']:.2f}  videos {result['video_accuracy']:.2f}")
+    if score >= best:
+        save_weights(args.out, model, config)
+        log(f"saved step {step} (score {score:.3f})")
+    model.train()
+    return max(score, best)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "ernie_cli" / "assets" / "ernie-tiny")
+    parser.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget of the training loop")
+    parser.add_argument("--max-updates", type=int, default=10 ** 9)
+    parser.add_argument("--batch", type=int, default=16, help="samples per forward (one padded batch)")
+    parser.add_argument("--accum", type=int, default=1, help="forwards per update")
+    parser.add_argument("--lr", type=float, default=7e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint's weights")
+    parser.add_argument("--curriculum-from", type=float, default=0.0,
+                        help="skip the curriculum up to this fraction (with --init: 0.45 = the full task)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="1 is fastest for a model this small, and on a shared machine")
+    parser.add_argument("--save-every", type=float, default=3.0, help="minutes between checkpoints")
+    parser.add_argument("--quick-eval", type=int, default=30, help="held-out images per checkpoint (0: none)")
+    args = parser.parse_args()
+    record = train(args)
+    log(f"done: {json.dumps(record)}")
+
+
+if __name__ == "__main__":
+    main()
