@@ -110,8 +110,8 @@ def tokenizer_config() -> dict:
 
 # --- model and checkpoint files ---------------------------------------------------------------
 
-def tiny_config(tok):
-    """hidden 128, 3 text layers (dense, MoE, MoE: 4+4 experts top-2, 1 shared), vision 2x96."""
+def tiny_config(tok, vision_depth: int = 2, vision_width: int = 96):
+    """hidden 128, 3 text layers (dense, MoE, MoE: 4+4 experts top-2, 1 shared), vision 2x96 by default."""
     from model.config import ErnieVLConfig, TextConfig, VisionConfig
 
     ids = {name: tok.token_to_id(t) for name, t in NAMED_TOKENS.items()}
@@ -123,7 +123,8 @@ def tiny_config(tok):
         pad_token_id=tok.token_to_id("<unk>"), bos_token_id=tok.token_to_id("<|begin_of_sentence|>"),
         eos_token_id=(tok.token_to_id("<|end_of_sentence|>"),),
     )
-    vision = VisionConfig(depth=2, hidden_size=96, intermediate_size=384, num_heads=3)
+    vision = VisionConfig(depth=vision_depth, hidden_size=vision_width, intermediate_size=4 * vision_width,
+                          num_heads=vision_width // 32)
     return ErnieVLConfig(text=text, vision=vision, image_token_id=ids["image_token"],
                          image_start_token_id=ids["image_start_token"], image_end_token_id=ids["image_end_token"],
                          video_token_id=ids["video_token"], video_start_token_id=ids["video_start_token"],
@@ -224,7 +225,8 @@ def random_item(rng: random.Random, processor, progress: float) -> tuple[str, di
     return kind, img, shapes.IMAGE_PROMPT, scene.answer
 
 
-def random_batch(rng: random.Random, processor, progress: float, size: int) -> tuple[dict, torch.Tensor, list[str]]:
+def random_batch(rng: random.Random, processor, progress: float, size: int,
+                 media_first: float = 0.85) -> tuple[dict, torch.Tensor, list[str]]:
     """``size`` examples in one left-padded batch from the real processor; labels cover the answers only."""
     from processing.chat_format import EOS, render_chat
 
@@ -232,7 +234,7 @@ def random_batch(rng: random.Random, processor, progress: float, size: int) -> t
     eos = processor.tokenizer.eos_token_id
     for _ in range(size):
         kind, media, prompt, answer = random_item(rng, processor, progress)
-        messages = conversation({"type": kind}, prompt, media_first=rng.random() < 0.85)
+        messages = conversation({"type": kind}, prompt, media_first=rng.random() < media_first)
         texts.append(render_chat(messages, add_generation_prompt=True, enable_thinking=False) + answer + EOS)
         (videos if kind == "video" else images).append(media)
         answers.append(processor.tokenizer.encode(answer) + [eos])
@@ -264,11 +266,15 @@ def train(args) -> dict:
     from model.ernie_vl import ErnieVL
     from processing.processor import ErnieVLProcessor
 
+    global IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
+    # the processor's bounds are written into the checkpoint's own configs, so inference matches training
+    IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = args.image_min_side ** 2, args.image_max_side ** 2
+    VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = args.video_min_side ** 2, args.video_max_side ** 2
     tok = build_tokenizer()
-    config = tiny_config(tok)
+    config = tiny_config(tok, args.vision_depth, args.vision_width)
     write_text_files(args.out, tok, config)
     processor = ErnieVLProcessor.from_pretrained(args.out)
     model = ErnieVL(config).train()
@@ -281,18 +287,26 @@ def train(args) -> dict:
     log(f"ernie-tiny: {n_params / 1e6:.2f}M parameters, budget {args.minutes} min, "
         f"{args.batch}x{args.accum} samples per update, "
         f"lr {args.lr}, seed {args.seed}")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "router" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "router" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    # four groups: (vision tower + resampler | text) x (decayed | not); the vision side runs at
+    # lr * --vision-lr-mult
+    groups = []
+    for is_vision in (True, False):
+        for decayed in (True, False):
+            params = [p for n, p in model.named_parameters()
+                      if n.startswith(("vision_model.", "model.resampler_model.")) == is_vision
+                      and (p.ndim >= 2 and "router" not in n) == decayed]
+            groups.append({"params": params, "weight_decay": 0.01 if decayed else 0.0,
+                           "lr_mult": args.vision_lr_mult if is_vision else 1.0})
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     budget, start, last_save = args.minutes * 60.0, time.time(), time.time()
     step, samples, smooth, best = 0, 0, None, -1.0
     while (progress := (time.time() - start) / budget) < 1.0 and step < args.max_updates:
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, progress, args.lr)
+            group["lr"] = learning_rate(step, progress, args.lr) * group["lr_mult"]
         total, kinds = 0.0, []
         for _ in range(args.accum):
-            inputs, labels, batch_kinds = random_batch(rng, processor, max(progress, args.curriculum_from), args.batch)
+            inputs, labels, batch_kinds = random_batch(rng, processor, max(progress, args.curriculum_from), args.batch,
+                                                     args.media_first)
             out = model(**inputs, labels=labels, output_router_logits=True)
             (out.loss / args.accum).backward()
             total += out.loss.item() / args.accum
@@ -304,7 +318,7 @@ def train(args) -> dict:
         smooth = total if smooth is None else 0.95 * smooth + 0.05 * total
         if step % 10 == 0:
             elapsed = time.time() - start
-            log(f"step {step:5d}  loss {smooth:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
+            log(f"step {step:5d}  loss {smooth:.4f}  lr {opt.param_groups[2]['lr']:.2e}  "
                 f"{elapsed / samples * 1000:.0f} ms/sample  {elapsed / 60:.1f} min  videos {kinds.count('video')}/{len(kinds)}")
         if time.time() - last_save > args.save_every * 60:
             best = checkpoint(model, config, args, step, best)
@@ -315,7 +329,10 @@ def train(args) -> dict:
               "minutes": round((time.time() - start) / 60, 1), "final_loss": round(smooth or float("nan"), 4),
               "best_quick_score": round(best, 3),
               "parameters": n_params, "threads": args.threads, "curriculum_from": args.curriculum_from,
-              "init": str(args.init) if args.init else None}
+              "init": str(args.init) if args.init else None, "vision_lr_mult": args.vision_lr_mult,
+              "media_first": args.media_first, "image_sides": [args.image_min_side, args.image_max_side],
+              "video_sides": [args.video_min_side, args.video_max_side],
+              "vision": [args.vision_depth, args.vision_width]}
     _write_json(args.out / "training_record.json", record)
     return record
 
@@ -359,6 +376,16 @@ def main() -> None:
                         help="1 is fastest for a model this small, and on a shared machine")
     parser.add_argument("--save-every", type=float, default=3.0, help="minutes between checkpoints")
     parser.add_argument("--quick-eval", type=int, default=30, help="held-out images per checkpoint (0: none)")
+    parser.add_argument("--vision-lr-mult", type=float, default=1.0,
+                        help="learning-rate factor for the vision tower and the resampler")
+    parser.add_argument("--media-first", type=float, default=0.85,
+                        help="fraction of samples with the picture or video before the prompt")
+    parser.add_argument("--image-min-side", type=int, default=56, help="images: min_pixels = side^2")
+    parser.add_argument("--image-max-side", type=int, default=224, help="images: max_pixels = side^2")
+    parser.add_argument("--video-min-side", type=int, default=56, help="video frames: min_pixels = side^2")
+    parser.add_argument("--video-max-side", type=int, default=112, help="video frames: max_pixels = side^2")
+    parser.add_argument("--vision-depth", type=int, default=2)
+    parser.add_argument("--vision-width", type=int, default=96, help="a multiple of 32 (heads of 32)")
     args = parser.parse_args()
     record = train(args)
     log(f"done: {json.dumps(record)}")
