@@ -240,17 +240,19 @@ def test_processor_settings_keep_inputs_small(tiny, tmp_path):
 def test_answers_held_out_scenes_and_clips_through_the_real_pipeline(tiny):
     """20 fresh images and 6 fresh clips, read from files, greedy decoding.
 
-    The shipped checkpoint names colours reliably, and gets whole scenes right well above chance
-    (about 1 in 18 for one shape and far lower for more). It does not yet reach the issue's
-    targets for shape kinds and motion: see docs/ernie-tiny.md. Swapped channels or a broken
-    resize fail the colour checks.
+    The shipped checkpoint names colours reliably and gets whole scenes and clips right well above
+    chance (about 1 in 18 for one shape, far lower for more; 1 in 72 for a clip); on this sample
+    it scores 45% of images, 3 of 6 clips, 80% of image colours. It does not yet reach the
+    issue's targets (see docs/ernie-tiny.md). Swapped channels or a broken resize fail the
+    colour checks; a frame-order bug fails the clip check.
     """
     model, processor = tiny
     failures: list = []
     result = evaluation.evaluate_loaded(model, processor, 20, 6, seed=424242, failures=failures)
     assert result["image_colour_accuracy"] >= 0.7, (result, failures)
     assert result["video_colour_accuracy"] >= 5 / 6, (result, failures)
-    assert result["image_accuracy"] >= 0.1, (result, failures)
+    assert result["image_accuracy"] >= 0.3, (result, failures)
+    assert result["video_accuracy"] >= 2 / 6, (result, failures)
 
 
 def _two_colour_scenes(n: int, seed: int):
