@@ -19,6 +19,7 @@ The vision tower is left alone (its matmuls are large and compute-bound).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +28,23 @@ from torch import nn
 from model.errors import ErnieError
 
 
+@lru_cache(maxsize=1)
 def packing_available() -> bool:
-    """True when this torch build has oneDNN with the weight-packing ops (x86/ARM CPU builds)."""
-    return (torch.backends.mkldnn.is_available()
+    """True when this torch build has oneDNN's weight-packing ops *and* this CPU can run their
+    bf16 path (oneDNN wants AVX512-BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU cannot). The CPU
+    side is probed by packing and using a small weight once."""
+    if not (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        weight = torch.ones(16, 32, dtype=torch.bfloat16)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 32, dtype=torch.bfloat16),
+                                                 torch.ops.mkldnn._reorder_linear_weight(weight, 1),
+                                                 None, "none", [], "")
+    except RuntimeError:
+        return False
+    return bool((out == 32).all())
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

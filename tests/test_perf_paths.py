@@ -21,7 +21,7 @@ from model.packing import PackedLinear, can_pack, pack_for_cpu, packing_availabl
 from tests.helpers.checkpoints import make_checkpoint_from_ours
 from tests.helpers.reference import make_inputs, our_config, randomize_
 
-needs_packing = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN packing")
+needs_packing = pytest.mark.skipif(not packing_available(), reason="no oneDNN bf16 packing on this torch build or CPU (needs AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
 
 
 def _bf16_model(name: str, seed: int = 0) -> ErnieVL:
