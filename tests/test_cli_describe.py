@@ -123,7 +123,7 @@ def test_corrupt_shard(world, tmp_path):
 def test_not_enough_memory_fails_before_loading(world):
     proc = run_ernie(["describe", "cat.png", "--model", "ckpt", "--device", "cpu", "--dtype", "float32"], world,
                      ERNIE_FREE_MEMORY_BYTES="1000")
-    line = assert_one_line_error(proc, "not enough memory", "cpu", "float32")
+    assert_one_line_error(proc, "not enough memory", "cpu", "float32")
     assert "--dtype bfloat16" in proc.stderr_text  # the flag that helps
 
 

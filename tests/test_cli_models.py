@@ -33,7 +33,7 @@ def _fake_cached_repo(hf_home: Path, repo: str, files: dict[str, bytes], commit:
 
 @pytest.mark.parametrize("name", ["A", "B"])
 def test_parameter_count_equals_the_model_built_from_the_config(name):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from model.ernie_vl import ErnieVL
 
     config = ErnieVLConfig.from_dict({"A": CONFIG_A, "B": CONFIG_B}[name])
