@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import TextConfig
+from model.linear import Linear
 from model.rope import apply_text_rope
 
 
@@ -27,10 +28,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         H, D, bias = config.hidden_size, config.head_dim, config.use_bias
-        self.q_proj = nn.Linear(H, self.n_heads * D, bias=bias)
-        self.k_proj = nn.Linear(H, self.n_kv_heads * D, bias=bias)
-        self.v_proj = nn.Linear(H, self.n_kv_heads * D, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
+        self.q_proj = Linear(H, self.n_heads * D, bias=bias)
+        self.k_proj = Linear(H, self.n_kv_heads * D, bias=bias)
+        self.v_proj = Linear(H, self.n_kv_heads * D, bias=bias)
+        self.o_proj = Linear(self.n_heads * D, H, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache=None, cache_position: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import TextConfig
+from model.linear import Linear, linear
 from model.packing import PackedBank, packed_linear
 
 # Up to this many (token, expert) slots (decode) a bank runs each chosen expert on views of its
@@ -30,9 +31,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, width: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=bias)
-        self.up_proj = nn.Linear(hidden, width, bias=bias)
-        self.down_proj = nn.Linear(width, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, width, bias=bias)
+        self.up_proj = Linear(hidden, width, bias=bias)
+        self.down_proj = Linear(width, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -115,13 +116,13 @@ class Experts(nn.Module):
         """Expert e's fused gate/up projection: x (n, H) -> (n, 2I), gate columns first."""
         if self.packed is not None:
             return packed_linear(x, self.packed[e][0])
-        return F.linear(x, self.gate_up_proj[e])
+        return linear(x, self.gate_up_proj[e])
 
     def _down(self, h: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's down projection: h (n, I) -> (n, H)."""
         if self.packed is not None:
             return packed_linear(h, self.packed[e][1])
-        return F.linear(h, self.down_proj[e])
+        return linear(h, self.down_proj[e])
 
     @staticmethod
     def _act(gate_up: torch.Tensor) -> torch.Tensor:

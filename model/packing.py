@@ -22,10 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.errors import ErnieError
+from model.linear import linear
 
 
 @lru_cache(maxsize=1)
@@ -184,4 +184,4 @@ def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, packed: torch.Tenso
     """hidden (B, T, H) -> logits (B, T, V), through the packed projection when there is one."""
     if packed is not None and hidden.dtype == torch.bfloat16:
         return packed_linear(hidden, packed)
-    return F.linear(hidden, weight)
+    return linear(hidden, weight)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from model.config import ErnieVLConfig
+from model.linear import Linear
 from model.text import RMSNorm
 
 
@@ -27,9 +28,9 @@ class MergeMLP(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, eps: float):
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.fc1 = Linear(in_dim, out_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(out_dim, out_dim)
+        self.fc2 = Linear(out_dim, out_dim)
         self.ln = nn.LayerNorm(out_dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ class Resampler(nn.Module):
         spatial_dim = v.hidden_size * self.merge ** 2
         self.spatial_linear = MergeMLP(spatial_dim, spatial_dim, v.layer_norm_eps)
         self.temporal_linear = MergeMLP(spatial_dim * self.temporal, spatial_dim, v.layer_norm_eps)
-        self.mlp = nn.Linear(spatial_dim, config.text.hidden_size)
+        self.mlp = Linear(spatial_dim, config.text.hidden_size)
         self.after_norm = RMSNorm(config.text.hidden_size, config.text.rms_norm_eps)
 
     def forward(self, features: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:

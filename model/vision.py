@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import VisionConfig
+from model.linear import Linear
 from model.rope import apply_vision_rope, vision_rope
 
 
@@ -42,7 +43,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.proj = nn.Linear(config.patch_dim, config.hidden_size, bias=False)
+        self.proj = Linear(config.patch_dim, config.hidden_size, bias=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.proj(pixels.to(self.proj.weight.dtype))
@@ -54,8 +55,8 @@ class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.qkv = Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        self.proj = Linear(config.hidden_size, config.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 segments: list[tuple[int, int]]) -> torch.Tensor:
@@ -80,8 +81,8 @@ class VisionMLP(nn.Module):
 
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.quick = config.hidden_act == "quick_gelu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,189 @@
+"""A streaming bf16 matrix-vector product for CPUs without native bf16 (AVX2 + FMA x86).
+
+torch's bf16 ``F.linear`` with one row of x reads the weight at about a third of memory speed on
+such CPUs, and decode at batch 1 is almost nothing but these products. ``csrc/bf16_gemv.c``
+reads each weight row once for up to ``MAX_ROWS`` rows of x, widens bf16 to fp32 in registers,
+accumulates in fp32 and rounds the result to bf16 once.
+
+The C file is compiled on first use with the system C compiler into the cache
+(``$ERNIE_CACHE``, else ``$XDG_CACHE_HOME/ernie``, else ``~/.cache/ernie``, under ``kernels/``),
+named by a hash of source, flags, compiler and machine, and loaded with ctypes (which releases
+the GIL during the call). When anything is missing or fails (no compiler, not x86-64 AVX2,
+``ERNIE_NO_KERNELS=1``, a wrong self-check) ``gemv_available()`` is False, silently, and
+``unavailable_reason`` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MAX_ROWS = 8
+SOURCE = Path(__file__).parent / "csrc" / "bf16_gemv.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+
+unavailable_reason = ""  # why gemv_available() is False (for debugging); empty when it is True
+
+_ptr, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_ARGTYPES = [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _int]  # x, M, K, W, N, ldw, bias, y, threads
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: ``$ERNIE_CACHE/kernels`` (or the XDG / home fallbacks)."""
+    root = os.environ.get("ERNIE_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = os.path.join(xdg, "ernie") if xdg else os.path.join(Path.home(), ".cache", "ernie")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    name = os.environ.get("CC")
+    candidates = [name] if name else ["cc", "gcc"]
+    for candidate in candidates:
+        path = shutil.which(candidate)
+        if path:
+            return path
+    return None
+
+
+def build(compiler: str, directory: Path | None = None) -> Path:
+    """Compile the C source unless a build for this source, flags, compiler and machine exists.
+
+    The library is written under a temporary name in the same folder and renamed into place, so
+    a concurrent process never loads a half-written file. Raises RuntimeError on failure.
+    """
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), platform.machine().encode()]))
+    directory = directory or cache_dir()
+    target = directory / f"bf16_gemv-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".bf16_gemv-", suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", tmp],
+            check=False,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
+    lib = ctypes.CDLL(str(build(compiler)))
+    for name in ("bf16_gemv", "bf16_gemv_f32"):
+        getattr(lib, name).argtypes = _ARGTYPES
+        getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+def _unsupported_platform() -> str:
+    if os.environ.get("ERNIE_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        return "disabled by ERNIE_NO_KERNELS"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not x86-64 ({platform.machine()})"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"CPU capability {capability}, needs AVX2 + FMA"
+    return ""
+
+
+def _self_check(lib: ctypes.CDLL) -> str:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 45, generator=gen).bfloat16()
+    w = torch.randn(37, 45, generator=gen).bfloat16()
+    b = torch.randn(37, generator=gen).bfloat16()
+    ref = F.linear(x.float(), w.float(), b.float())
+    out = _call(lib, x, w, b, 1)
+    ok = torch.allclose(out.float(), ref, rtol=2**-7, atol=1e-3 * float(ref.abs().max()))
+    return "" if ok else "self-check against F.linear failed"
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    global unavailable_reason
+    try:
+        unavailable_reason = _unsupported_platform()
+        if unavailable_reason:
+            return None
+        lib = _load()
+        unavailable_reason = _self_check(lib)
+    except Exception as err:  # noqa: BLE001 -- any failure means "use torch instead", never an error for the user
+        unavailable_reason = f"{type(err).__name__}: {err}"
+    return None if unavailable_reason else lib
+
+
+def gemv_available() -> bool:
+    """True when the compiled kernel loaded and passed its self-check (decided once per process)."""
+    return _library() is not None
+
+
+def _call(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threads: int):
+    """The C call on checked tensors, x (..., K) contiguous: about 5 of the ~7 us per call."""
+    K, N = x.shape[-1], weight.shape[0]
+    out = torch.empty((*x.shape[:-1], N), dtype=torch.bfloat16)  # no view afterwards: views cost
+    bias_ptr = None if bias is None else bias.data_ptr()
+    M = x.numel() // K
+    status = lib.bf16_gemv(
+        x.data_ptr(), M, K, weight.data_ptr(), N, weight.stride(0), bias_ptr, out.data_ptr(), threads
+    )
+    if status != 0:
+        raise RuntimeError(f"bf16_gemv returned {status}")
+    return out
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise ValueError unless x (..., K), weight (N, K) and bias (N,) suit the kernel. Kept cheap:
+    it runs on every decode product."""
+    bf16 = torch.bfloat16
+    if x.dtype != bf16 or weight.dtype != bf16 or not (x.is_cpu and weight.is_cpu):
+        raise ValueError("bf16_gemv needs bf16 CPU tensors for x and weight")
+    if weight.dim() != 2 or x.dim() == 0:
+        raise ValueError(f"bf16_gemv: x {tuple(x.shape)} must be (..., K) and weight {tuple(weight.shape)} (N, K)")
+    (N, K), (row_stride, col_stride) = weight.shape, weight.stride()
+    if x.shape[-1] != K or col_stride != 1 or (row_stride < K and N > 1):
+        raise ValueError(f"bf16_gemv: weight {tuple(weight.shape)} must be (N, {x.shape[-1]}) with unit column stride")
+    if not 1 <= x.numel() // max(K, 1) <= MAX_ROWS:
+        raise ValueError(f"bf16_gemv: x {tuple(x.shape)} must have 1 to {MAX_ROWS} rows")
+    if bias is not None and (bias.dtype != bf16 or not bias.is_cpu or bias.shape != (N,) or bias.stride(0) != 1):
+        raise ValueError(f"bf16_gemv: bias must be a contiguous bf16 CPU tensor of shape ({N},)")
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None):
+    """``F.linear(x, weight, bias)`` for bf16 CPU tensors with at most ``MAX_ROWS`` rows of x.
+
+    x (..., K); weight (N, K) with unit column stride and any row stride (a view such as
+    ``stacked[e]`` works without a copy); bias (N,) or None. Returns a new (..., N) bf16 tensor:
+    fp32 sums rounded once to bf16. ``threads`` defaults to ``torch.get_num_threads()``.
+    Raises ValueError on misuse, RuntimeError when the kernel is unavailable.
+    """
+    _check(x, weight, bias)
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"bf16_gemv is unavailable: {unavailable_reason}")
+    x = x if x.is_contiguous() else x.contiguous()
+    return _call(lib, x, weight, bias, threads or torch.get_num_threads())
