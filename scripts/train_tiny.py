@@ -23,7 +23,6 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,33 +206,37 @@ def clip_video(clip: shapes.Clip, vcfg):
                         duration=clip.n_frames / clip.fps, total_frames=clip.n_frames)
 
 
-def random_item(rng: random.Random, processor, progress: float) -> tuple[str, dict, str, str]:
-    """(kind, media, prompt, answer) for the curriculum at ``progress`` (0..1 of the budget):
-    single shapes first, then 1-3 shapes with clips mixed in."""
+def random_item(rng: random.Random, processor, progress: float, video_share: float = 0.25):
+    """(kind, media, prompt, answer, source) for the curriculum at ``progress`` (0..1 of the budget):
+    single shapes first, then 1-3 shapes with clips mixed in. ``source`` is the scene, or the clip
+    and the indices of its sampled frames (for the dense targets)."""
     if progress < 0.25:
         kind, n = "image", 1
     else:
-        kind = "video" if rng.random() < 0.25 else "image"
+        kind = "video" if rng.random() < video_share else "image"
         n = rng.choice((1, 2, 2, 3, 3, 3)) if progress > 0.45 else rng.choice((1, 2))
     if kind == "video":
         clip = shapes.random_clip(rng)
-        return kind, clip_video(clip, processor.video_config), shapes.VIDEO_PROMPT, clip.answer
+        video = clip_video(clip, processor.video_config)
+        return kind, video, shapes.VIDEO_PROMPT, clip.answer, (clip, list(video.indices))
     scene = shapes.random_scene(rng, n)
     img = shapes.render(scene)
     if rng.random() < 0.4:
         img = shapes.as_jpeg(img, quality=rng.randint(70, 95))
-    return kind, img, shapes.IMAGE_PROMPT, scene.answer
+    return kind, img, shapes.IMAGE_PROMPT, scene.answer, scene
 
 
 def random_batch(rng: random.Random, processor, progress: float, size: int,
-                 media_first: float = 0.85) -> tuple[dict, torch.Tensor, list[str]]:
-    """``size`` examples in one left-padded batch from the real processor; labels cover the answers only."""
+                 media_first: float = 0.85, video_share: float = 0.25):
+    """``size`` examples in one left-padded batch from the real processor; labels cover the answers
+    only. Also returns each sample's kind and source (scene, or clip and frame indices)."""
     from processing.chat_format import EOS, render_chat
 
-    texts, images, videos, answers, kinds = [], [], [], [], []
+    texts, images, videos, answers, kinds, sources = [], [], [], [], [], []
     eos = processor.tokenizer.eos_token_id
     for _ in range(size):
-        kind, media, prompt, answer = random_item(rng, processor, progress)
+        kind, media, prompt, answer, source = random_item(rng, processor, progress, video_share)
+        sources.append(source)
         messages = conversation({"type": kind}, prompt, media_first=rng.random() < media_first)
         texts.append(render_chat(messages, add_generation_prompt=True, enable_thinking=False) + answer + EOS)
         (videos if kind == "video" else images).append(media)
@@ -247,7 +250,102 @@ def random_batch(rng: random.Random, processor, progress: float, size: int,
         if ids[row, -n:].tolist() != answer:
             raise RuntimeError(f"the answer does not tokenize the same after its prompt: {texts[row]!r}")
         labels[row, -n:] = ids[row, -n:]
-    return dict(inputs), labels, kinds
+    return dict(inputs), labels, kinds, sources
+
+
+# --- dense targets on the vision tokens -------------------------------------------------------
+# The answer names each shape's kind once, which is a weak signal for a vision tower learning
+# from scratch (colours come in a few hundred updates, kinds stay at chance for thousands).
+# During training only, a linear probe on the resampler's output predicts, for every merged
+# token, the kind of shape under it (and, for clips, where it is heading). The probe is thrown
+# away; the model and the checkpoint stay ERNIE's.
+
+MERGE = 2  # merged tokens are 2x2 patches
+CELL = 4  # label samples per merged token and side
+
+
+def _mask(width: int, height: int, shapes_: list) -> np.ndarray:
+    """(height, width) uint8: 0 background, i+1 where shapes_[i] is drawn (later ones on top)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(img)
+    for i, s in enumerate(shapes_):
+        x0, y0, x1, y1 = s.box
+        if s.kind == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=i + 1)
+        elif s.kind == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=i + 1)
+        else:
+            draw.polygon([(s.cx, y0), (x1, y1), (x0, y1)], fill=i + 1)
+    return np.asarray(img)
+
+
+def _cells(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """(rows, cols) int: the shape index covering most of each token's cell (0 when under a quarter)."""
+    from PIL import Image
+
+    small = np.asarray(Image.fromarray(mask).resize((cols * CELL, rows * CELL), Image.NEAREST))
+    small = small.reshape(rows, CELL, cols, CELL).transpose(0, 2, 1, 3).reshape(rows, cols, CELL * CELL)
+    n = int(mask.max()) + 1
+    counts = np.stack([(small == k).sum(-1) for k in range(n)], -1)  # (rows, cols, n)
+    counts[..., 0] = 0
+    best = counts.argmax(-1)
+    return np.where(counts.max(-1) >= CELL * CELL // 4, best, 0)
+
+
+def dense_targets(kinds: list[str], sources: list, image_grids, video_grids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per merged token, in the order the resampler emits them (images, then videos): the kind
+    under it (0 background, 1+KINDS index) and, for clips, its direction (0 none or still image,
+    1+DIRECTIONS index)."""
+    kind_t, dir_t = [], []
+    images = [s for k, s in zip(kinds, sources) if k == "image"]
+    videos = [s for k, s in zip(kinds, sources) if k == "video"]
+    for scene, (_, gh, gw) in zip(images, image_grids.tolist() if images else []):
+        cells = _cells(_mask(scene.width, scene.height, list(scene.shapes)), gh // MERGE, gw // MERGE)
+        lut = np.array([0] + [1 + shapes.KINDS.index(s.kind) for s in scene.shapes])
+        kind_t.append(lut[cells].reshape(-1))
+        dir_t.append(np.zeros(cells.size, dtype=np.int64))
+    for (clip, idx), (gt, gh, gw) in zip(videos, video_grids.tolist() if videos else []):
+        idx = idx + [idx[-1]] * (gt - len(idx))  # odd counts repeat the last frame
+        for k in range(gt // 2):
+            pair = [_cells(_mask(clip.width, clip.height, [clip.shape.moved(*clip.centre(i))]),
+                           gh // MERGE, gw // MERGE) for i in idx[2 * k:2 * k + 2]]
+            covered = np.maximum(pair[0], pair[1]).reshape(-1)
+            kind_t.append(covered * (1 + shapes.KINDS.index(clip.shape.kind)))
+            dir_t.append(covered * (1 + shapes.DIRECTIONS.index(clip.direction)))
+    return (torch.from_numpy(np.concatenate(kind_t)).long(), torch.from_numpy(np.concatenate(dir_t)).long())
+
+
+class DenseProbe(torch.nn.Module):
+    """Captures the resampler's output on every forward and scores it against dense targets."""
+
+    def __init__(self, model, hidden: int):
+        super().__init__()
+        self.kind = torch.nn.Linear(hidden, 1 + len(shapes.KINDS))
+        self.direction = torch.nn.Linear(hidden, 1 + len(shapes.DIRECTIONS))
+        self.captured: list[torch.Tensor] = []
+        self.active = False  # capture only around training forwards (not the held-out checks)
+        model.model.resampler_model.register_forward_hook(
+            lambda _m, _i, out: self.captured.append(out) if self.active else None)
+
+    def loss(self, kinds, sources, inputs) -> torch.Tensor:
+        if not self.captured:
+            return torch.zeros(())
+        feats = torch.cat(self.captured)
+        self.captured = []
+        kind_t, dir_t = dense_targets(kinds, sources, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"))
+        if kind_t.numel() != feats.shape[0]:
+            raise RuntimeError(f"dense targets for {kind_t.numel()} tokens, resampler gave {feats.shape[0]}")
+        loss = torch.nn.functional.cross_entropy(self.kind(feats), kind_t)
+        is_video = torch.zeros_like(dir_t, dtype=torch.bool)
+        n_image = sum(1 for k in kinds if k == "image")
+        if n_image < len(kinds):
+            first_video = feats.shape[0] - sum(int(t) // 2 * int(h) * int(w) // MERGE ** 2
+                                               for t, h, w in inputs["video_grid_thw"].tolist())
+            is_video[first_video:] = True
+            loss = loss + torch.nn.functional.cross_entropy(self.direction(feats[is_video]), dir_t[is_video])
+        return loss
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -297,18 +395,30 @@ def train(args) -> dict:
                       and (p.ndim >= 2 and "router" not in n) == decayed]
             groups.append({"params": params, "weight_decay": 0.01 if decayed else 0.0,
                            "lr_mult": args.vision_lr_mult if is_vision else 1.0})
+    probe = None
+    if args.dense > 0:
+        probe = DenseProbe(model, config.text.hidden_size)
+        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0, "lr_mult": args.vision_lr_mult})
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     budget, start, last_save = args.minutes * 60.0, time.time(), time.time()
-    step, samples, smooth, best = 0, 0, None, -1.0
+    step, samples, smooth, dense_smooth, best = 0, 0, None, None, -1.0
     while (progress := (time.time() - start) / budget) < 1.0 and step < args.max_updates:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, progress, args.lr) * group["lr_mult"]
-        total, kinds = 0.0, []
+        total, dense_total, kinds = 0.0, 0.0, []
         for _ in range(args.accum):
-            inputs, labels, batch_kinds = random_batch(rng, processor, max(progress, args.curriculum_from), args.batch,
-                                                     args.media_first)
+            inputs, labels, batch_kinds, sources = random_batch(
+                rng, processor, max(progress, args.curriculum_from), args.batch, args.media_first, args.video_share)
+            if probe is not None:
+                probe.captured, probe.active = [], True
             out = model(**inputs, labels=labels, output_router_logits=True)
-            (out.loss / args.accum).backward()
+            loss = out.loss
+            if probe is not None:
+                probe.active = False
+                dense = probe.loss(batch_kinds, sources, inputs)
+                loss = loss + args.dense * dense
+                dense_total += dense.item() / args.accum
+            (loss / args.accum).backward()
             total += out.loss.item() / args.accum
             kinds += batch_kinds
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -316,9 +426,10 @@ def train(args) -> dict:
         opt.zero_grad(set_to_none=True)
         step, samples = step + 1, samples + args.accum * args.batch
         smooth = total if smooth is None else 0.95 * smooth + 0.05 * total
+        dense_smooth = dense_total if dense_smooth is None else 0.95 * dense_smooth + 0.05 * dense_total
         if step % 10 == 0:
             elapsed = time.time() - start
-            log(f"step {step:5d}  loss {smooth:.4f}  lr {opt.param_groups[2]['lr']:.2e}  "
+            log(f"step {step:5d}  loss {smooth:.4f}  dense {dense_smooth:.4f}  lr {opt.param_groups[2]['lr']:.2e}  "
                 f"{elapsed / samples * 1000:.0f} ms/sample  {elapsed / 60:.1f} min  videos {kinds.count('video')}/{len(kinds)}")
         if time.time() - last_save > args.save_every * 60:
             best = checkpoint(model, config, args, step, best)
@@ -332,7 +443,8 @@ def train(args) -> dict:
               "init": str(args.init) if args.init else None, "vision_lr_mult": args.vision_lr_mult,
               "media_first": args.media_first, "image_sides": [args.image_min_side, args.image_max_side],
               "video_sides": [args.video_min_side, args.video_max_side],
-              "vision": [args.vision_depth, args.vision_width]}
+              "vision": [args.vision_depth, args.vision_width], "dense": args.dense,
+              "video_share": args.video_share}
     _write_json(args.out / "training_record.json", record)
     return record
 
@@ -384,6 +496,9 @@ def main() -> None:
     parser.add_argument("--image-max-side", type=int, default=224, help="images: max_pixels = side^2")
     parser.add_argument("--video-min-side", type=int, default=56, help="video frames: min_pixels = side^2")
     parser.add_argument("--video-max-side", type=int, default=112, help="video frames: max_pixels = side^2")
+    parser.add_argument("--dense", type=float, default=0.0,
+                        help="weight of the dense kind/direction targets on the vision tokens (0: off)")
+    parser.add_argument("--video-share", type=float, default=0.25, help="fraction of clips after the first phase")
     parser.add_argument("--vision-depth", type=int, default=2)
     parser.add_argument("--vision-width", type=int, default=96, help="a multiple of 32 (heads of 32)")
     args = parser.parse_args()

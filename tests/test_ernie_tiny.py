@@ -164,7 +164,7 @@ def test_training_labels_cover_exactly_the_answer_and_eos():
     from processing.processor import ErnieVLProcessor
 
     processor = ErnieVLProcessor.from_pretrained(ASSET)
-    inputs, labels, kinds = training.random_batch(random.Random(0), processor, 0.9, 4)
+    inputs, labels, kinds, _ = training.random_batch(random.Random(0), processor, 0.9, 4)
     assert labels.shape == inputs["input_ids"].shape and len(kinds) == 4
     for row in range(4):
         kept = labels[row][labels[row] != -100].tolist()
