@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NoReturn
 
@@ -26,7 +27,7 @@ from torch import Tensor
 from model.config import ErnieVLConfig
 from model.errors import CheckpointError, ErnieError
 from model.hub import DEFAULT_REPO, resolve
-from model.packing import PackedBank, pack_for_cpu, packing_available
+from model.packing import ExpertBank, pack_for_cpu, packing_available
 from model.weights import BANKS, PER_EXPERT_KEY, IGNORED, renamed
 from model.weights import to_ours
 
@@ -41,12 +42,17 @@ _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32
               "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
               "F8_E5M2": torch.float8_e5m2}
 _MAX_HEADER = 100 * 1024 * 1024
+# madvise(2) advice that maps a range's pages in one call (Linux 5.14+; mmap has no name for it)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
 
 def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = None,
                     dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
                     offline: bool | None = None, pack: bool = True):
     """An ``ErnieVL`` in eval mode with the checkpoint's weights (see the module docstring).
+
+    pack: lay the weights out for inference (CPU: experts read in place from the mapped files, or
+    oneDNN-packed where bf16 packing is available); False keeps plain trainable parameters.
 
     dtype: "auto" (config ``torch_dtype``/``dtype``, else the tensors'), "bfloat16", "float16",
     "float32" or a torch dtype. device: "auto" (cuda > mps > cpu), "cpu", "cuda", "mps", ...
@@ -58,20 +64,29 @@ def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = 
     checkpoint = SafetensorsCheckpoint.open(root)
     target_dtype = resolve_dtype(dtype, root, checkpoint)
     target_device = resolve_device(device)
-    experts = None
-    if pack and target_device.type == "cpu" and target_dtype == torch.bfloat16 and packing_available():
-        experts = _expert_sources(checkpoint, config)
-    source = checkpoint if experts is None else _WithStandIns(checkpoint, experts, config)
-    state = to_ours(source, config, dtype=target_dtype, device=target_device)
+    on_cpu = target_device.type == "cpu"
+    packing = pack and on_cpu and target_dtype == torch.bfloat16 and packing_available()
+    plan = _expert_sources(checkpoint, config) if pack and on_cpu else None
+    views = None
+    if plan is not None and not packing:
+        views = _expert_views(checkpoint, plan, target_dtype)
+        plan = None if views is None else plan
+    source = checkpoint if plan is None else _WithStandIns(checkpoint, plan, config)
+    state = to_ours(source, config, dtype=target_dtype, device=target_device, release=checkpoint.release_pages)
     model = ErnieVL.from_config(config, device="meta")
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval()
-    if experts is not None:
-        _pack_experts_from(checkpoint, experts, model)
+    if views is not None:
+        for (i, bank), pairs in views.items():
+            getattr(model.model.layers[i].mlp, f"{bank}_experts").use_bank(ExpertBank.from_plain(pairs))
+    elif plan is not None:
+        _pack_experts_from(checkpoint, plan, model)
     if pack:
         pack_for_cpu(model, release=checkpoint.release_pages)
-    checkpoint.release_pages()
+    checkpoint.release_pages()  # every page that was copied goes ...
+    if on_cpu:
+        checkpoint.populate([*model.parameters(), *model.buffers()])  # ... and those the model reads in place come back, mapped
     return model
 
 
@@ -159,7 +174,38 @@ class SafetensorsCheckpoint(Mapping):
                 shard.release(None)
         else:
             for name in names:
-                self._where[name].release(name)
+                if name in self._where:  # (stand-ins are not in the files)
+                    self._where[name].release(name)
+
+    def joined(self, first: str, second: str) -> Tensor | None:
+        """One view over two 2-D tensors of one dtype and width that lie back to back in one shard
+        (rows of ``first`` then rows of ``second``); None when they do not."""
+        shard = self._where[first]
+        if shard is not self._where[second]:
+            return None
+        a, b = shard.entries[first], shard.entries[second]
+        if (a["dtype"] != b["dtype"] or len(a["shape"]) != 2 or len(b["shape"]) != 2
+                or a["shape"][1] != b["shape"][1] or a["data_offsets"][1] != b["data_offsets"][0]):
+            return None
+        dtype = _ST_DTYPES[a["dtype"]]
+        rows, width = a["shape"][0] + b["shape"][0], a["shape"][1]
+        begin = a["data_offsets"][0]
+        if rows * width == 0:
+            return None
+        flat = torch.frombuffer(shard.mm, dtype=dtype, count=rows * width, offset=shard.start + begin)
+        return flat.view(rows, width)
+
+    def populate(self, tensors: Iterable[Tensor]) -> None:
+        """Map in, ahead of use, the pages of the tensors that are views of these files (the
+        first forward would otherwise fault them in a page at a time)."""
+        shards = set(self._where.values())
+        for t in tensors:
+            if t.device.type != "cpu" or t.numel() == 0:
+                continue
+            storage = t.untyped_storage()
+            for shard in shards:
+                if shard.populate(storage.data_ptr(), storage.nbytes()):
+                    break
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[name].entries[name]["shape"])
@@ -208,6 +254,7 @@ class _Shard:
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
         header.pop("__metadata__", None)
         self.start, self.entries = 8 + n, header
+        self.base = torch.frombuffer(self.mm, dtype=torch.uint8, count=1).data_ptr() if size else 0
         for name, entry in header.items():
             self._check(name, entry, size - 8 - n)
 
@@ -241,6 +288,24 @@ class _Shard:
             end = (self.start + hi) // mmap.PAGESIZE * mmap.PAGESIZE
         if end > begin:
             self.mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+    def populate(self, address: int, nbytes: int) -> bool:
+        """MADV_POPULATE_READ (else WILLNEED) the pages of [address, address + nbytes) when that
+        range lies in this mapping; False when it does not."""
+        begin = address - self.base
+        if not 0 <= begin < len(self.mm):
+            return False
+        begin = begin // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(self.mm), address - self.base + nbytes)
+        for advice in (_MADV_POPULATE_READ, getattr(mmap, "MADV_WILLNEED", None)):
+            if advice is None:
+                continue
+            try:
+                self.mm.madvise(advice, begin, end - begin)
+                break
+            except OSError:  # older kernels: no POPULATE_READ
+                continue
+        return True
 
     def tensor(self, name: str) -> Tensor:
         entry = self.entries[name]
@@ -278,6 +343,26 @@ def _expert_sources(checkpoint: SafetensorsCheckpoint, config: ErnieVLConfig) ->
             plan[(i, bank)] = names
     used = {n for triple in (t for names in plan.values() for t in names) for n in triple}
     return plan if used == set(found.values()) else None
+
+
+def _expert_views(checkpoint: SafetensorsCheckpoint, plan: dict, dtype: torch.dtype) -> dict | None:
+    """{(layer, bank): [(gate_up (2I, H), down (H, I)) per expert]} when every expert's tensors
+    already have ``dtype``, else None (the experts are then stacked). gate_up is a view of the
+    file where the up rows follow the gate rows (as safetensors' name order puts them), else a
+    copy; down is always a view."""
+    views = {}
+    for key, names in plan.items():
+        pairs = []
+        for gate, up, down in names:
+            if any(checkpoint.dtype_of(n) != dtype for n in (gate, up, down)):
+                return None
+            gate_up = checkpoint.joined(gate, up)
+            if gate_up is None:  # e.g. split across two shards
+                gate_up = torch.cat([checkpoint[gate], checkpoint[up]])
+                checkpoint.release_pages([gate, up])
+            pairs.append((gate_up, checkpoint[down]))
+        views[key] = pairs
+    return views
 
 
 class _WithStandIns(Mapping):
@@ -318,8 +403,7 @@ def _pack_experts_from(checkpoint: SafetensorsCheckpoint, plan: dict, model) -> 
         for (i, bank), names in plan.items():
             experts = getattr(model.model.layers[i].mlp, f"{bank}_experts")
             packer = _ExpertPacker(checkpoint, *checkpoint.shape_of(names[0][0]))
-            experts.packed = PackedBank.from_packed(list(pool.map(packer, names)))
-            experts.gate_up_proj = experts.down_proj = None
+            experts.use_bank(ExpertBank.from_packed(list(pool.map(packer, names))))
 
 
 class _ExpertPacker:
@@ -337,6 +421,6 @@ class _ExpertPacker:
             gate_up = self.local.buffer = torch.empty(2 * self.I, self.H, dtype=torch.bfloat16)  # (2I, H)
         gate_up[:self.I].copy_(self.checkpoint[gate])
         gate_up[self.I:].copy_(self.checkpoint[up])
-        pair = PackedBank.pack_pair(gate_up, self.checkpoint[down].to(torch.bfloat16))
+        pair = ExpertBank.pack_pair(gate_up, self.checkpoint[down].to(torch.bfloat16))
         self.checkpoint.release_pages([gate, up, down])
         return pair

@@ -18,7 +18,7 @@ from torch import nn
 
 from model.config import TextConfig
 from model.linear import Linear, linear
-from model.packing import PackedBank, packed_linear
+from model.packing import ExpertBank
 
 # Up to this many (token, expert) slots (decode) a bank runs each chosen expert on views of its
 # weights, grouped on the host; above it (prefill), slots are sorted by expert into segments. No
@@ -68,9 +68,10 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """E SwiGLU experts with stacked weights: gate_up_proj (E, 2I, H) gate rows first, down_proj (E, H, I).
 
-    ``packed`` is None, or after ``pack()`` (CPU bf16 inference, see model/packing.py) a
-    ``PackedBank`` with one pre-packed (gate_up, down) pair per expert; the stacked parameters
-    are then released, and ``state_dict`` rebuilds them from the packed weights.
+    ``bank`` is None, or an ``ExpertBank`` (model/packing.py) holding one (gate_up, down) pair per
+    expert: pre-packed after ``pack()`` (CPU bf16 inference), or views of the memory-mapped
+    checkpoint from the loader. The stacked parameters are then released, and ``state_dict``
+    rebuilds them from the bank.
     """
 
     def __init__(self, num_experts: int, hidden: int, width: int):
@@ -78,25 +79,44 @@ class Experts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
-        self.packed = None
+        self.bank = None
+
+    def use_bank(self, bank: ExpertBank) -> None:
+        """Run on ``bank`` from now on and drop the stacked parameters."""
+        self.bank = bank
+        self.gate_up_proj = self.down_proj = None
+
+    def packable(self) -> bool:
+        """bf16 weights not packed yet."""
+        if self.bank is None:
+            return self.gate_up_proj.dtype == torch.bfloat16
+        return not self.bank.packed and self.bank.dtype == torch.bfloat16
 
     def pack(self) -> None:
         """Pack every expert's weights for CPU inference and drop the stacked parameters."""
-        self.packed = PackedBank(self.gate_up_proj, self.down_proj)
-        self.gate_up_proj = self.down_proj = None
+        if self.bank is None:
+            self.use_bank(ExpertBank(self.gate_up_proj, self.down_proj))
+        else:
+            self.use_bank(self.bank.repacked())
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.packed is not None:
-            destination[prefix + "gate_up_proj"], destination[prefix + "down_proj"] = self.packed.dense()
+        if self.bank is not None:
+            destination[prefix + "gate_up_proj"], destination[prefix + "down_proj"] = self.bank.dense()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        if self.packed is not None:
+        if self.bank is not None:
             names = (prefix + "gate_up_proj", prefix + "down_proj")
             missing_keys.extend(n for n in names if n not in state_dict)
             if all(n in state_dict for n in names):
-                self.packed = PackedBank(*(state_dict[n].to(torch.bfloat16) for n in names))
+                gate_up, down = (state_dict[n] for n in names)
+                if self.bank.packed:
+                    self.bank = ExpertBank(gate_up.to(torch.bfloat16), down.to(torch.bfloat16))
+                else:
+                    dtype, device = self.bank.dtype, self.bank[0][0].device
+                    gate_up, down = (w.to(device=device, dtype=dtype) for w in (gate_up, down))
+                    self.bank = ExpertBank.from_plain(list(zip(gate_up.unbind(0), down.unbind(0))))
             state_dict = {k: v for k, v in state_dict.items() if k not in names}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -114,14 +134,14 @@ class Experts(nn.Module):
 
     def _gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's fused gate/up projection: x (n, H) -> (n, 2I), gate columns first."""
-        if self.packed is not None:
-            return packed_linear(x, self.packed[e][0])
+        if self.bank is not None:
+            return self.bank.gate_up(x, e)
         return linear(x, self.gate_up_proj[e])
 
     def _down(self, h: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's down projection: h (n, I) -> (n, H)."""
-        if self.packed is not None:
-            return packed_linear(h, self.packed[e][1])
+        if self.bank is not None:
+            return self.bank.down(h, e)
         return linear(h, self.down_proj[e])
 
     @staticmethod

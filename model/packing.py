@@ -89,13 +89,19 @@ class PackedLinear(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
-class PackedBank(nn.Module):
-    """Per-expert packed weights of one bank as buffers ``gate_up_{e}`` (2I, H) and ``down_{e}`` (H, I)."""
+class ExpertBank(nn.Module):
+    """One bank's experts as per-expert buffers ``gate_up_{e}`` (2I, H) and ``down_{e}`` (H, I).
+
+    ``packed``: the buffers are oneDNN-packed copies; otherwise they are plain tensors, typically
+    views of a memory-mapped checkpoint (each expert's gate and up rows lie next to each other in
+    the file, so a CPU load in the checkpoint's dtype copies no expert at all).
+    """
 
     def __init__(self, gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None):
-        """From stacked (E, 2I, H) and (E, H, I) weights; empty when none are given."""
+        """Packed, from stacked (E, 2I, H) and (E, H, I) weights; empty when none are given."""
         super().__init__()
         self.num_experts = 0
+        self.packed = True
         if gate_up is not None:
             for e in range(gate_up.shape[0]):
                 self._append(*self.pack_pair(gate_up[e], down[e]))
@@ -105,11 +111,18 @@ class PackedBank(nn.Module):
         return pack_weight(gate_up), pack_weight(down)
 
     @classmethod
-    def from_packed(cls, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> "PackedBank":
+    def from_packed(cls, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> "ExpertBank":
         """From already packed (gate_up, down) pairs, one per expert."""
         bank = cls()
         for gate_up, down in pairs:
             bank._append(gate_up, down)
+        return bank
+
+    @classmethod
+    def from_plain(cls, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> "ExpertBank":
+        """From plain (gate_up (2I, H), down (H, I)) tensors, one pair per expert, kept as they are."""
+        bank = cls.from_packed(pairs)
+        bank.packed = False
         return bank
 
     def _append(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
@@ -123,10 +136,30 @@ class PackedBank(nn.Module):
     def __len__(self) -> int:
         return self.num_experts
 
+    def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's fused gate/up projection: x (n, H) -> (n, 2I)."""
+        return packed_linear(x, self[e][0]) if self.packed else linear(x, self[e][0])
+
+    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's down projection: h (n, I) -> (n, H)."""
+        return packed_linear(h, self[e][1]) if self.packed else linear(h, self[e][1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self[0][0].dtype
+
+    def repacked(self) -> "ExpertBank":
+        """This bank packed (itself when it is packed already)."""
+        if self.packed:
+            return self
+        return ExpertBank.from_packed([self.pack_pair(*self[e]) for e in range(self.num_experts)])
+
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The plain stacked (E, 2I, H) and (E, H, I) weights."""
         pairs = [self[e] for e in range(self.num_experts)]
-        return torch.stack([g.to_dense() for g, _ in pairs]), torch.stack([d.to_dense() for _, d in pairs])
+        if self.packed:
+            pairs = [(g.to_dense(), d.to_dense()) for g, d in pairs]
+        return torch.stack([g for g, _ in pairs]), torch.stack([d for _, d in pairs])
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -153,7 +186,7 @@ def pack_for_cpu(model: nn.Module, release=None) -> nn.Module:
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16:
                 linears.append((parent, name, child))
-            elif isinstance(child, Experts) and child.packed is None and child.gate_up_proj.dtype == torch.bfloat16:
+            elif isinstance(child, Experts) and child.packable():
                 banks.append(child)
 
     def job(weight: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ Legend: E = experts per bank, H = hidden size, I = expert width, V = vocabulary,
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -169,12 +169,15 @@ def renamed(key: str) -> str:
 
 
 def to_ours(state: Mapping[str, Tensor], config: ErnieVLConfig, dtype: torch.dtype | None = None,
-            device: torch.device | str | None = None) -> dict[str, Tensor]:
+            device: torch.device | str | None = None,
+            release: Callable[[list[str]], None] | None = None) -> dict[str, Tensor]:
     """Map a state dict in any known layout to our names and shapes; strict and idempotent.
 
     ``state`` may be lazy: each tensor is read once. ``dtype``/``device`` give the destination;
     experts are stacked straight into it, routers and correction biases stay fp32. Tensors
-    already in place are returned as they are (no copy).
+    already in place are returned as they are (no copy). ``release(keys)``, when given, is told
+    the source keys of each bank of per-expert tensors once they were stacked (a memory-mapped
+    source drops their pages, so the load never holds both copies of the experts).
     """
     t, E = config.text, config.text.moe_num_experts
     expected = expected_shapes(config)
@@ -193,9 +196,12 @@ def to_ours(state: Mapping[str, Tensor], config: ErnieVLConfig, dtype: torch.dty
         elif name in out:
             problems.unexpected.append(f"{key} (given twice)")
         else:
-            out[name] = _placed(name, state[key], dtype, device)
+            x = state[key]
+            out[name] = _placed(name, x, dtype, device)
+            if release is not None and out[name].data_ptr() != x.data_ptr():
+                release([key])  # copied (another dtype or device): the source pages are done
     for i, sources in experts.items():
-        _put_experts(out, problems, state, sources, i, E, config, dtype, device)
+        _put_experts(out, problems, state, sources, i, E, config, dtype, device, release)
     _check(out, expected, problems)
     return out
 
@@ -233,7 +239,7 @@ def _put_statics(out: dict, problems: _Problems, x: Tensor, key: str, i: int,
 
 def _put_experts(out: dict, problems: _Problems, state: Mapping[str, Tensor],
                  sources: dict[tuple[int, str], str], i: int, E: int, config: ErnieVLConfig,
-                 dtype: Any, device: Any) -> None:
+                 dtype: Any, device: Any, release: Callable[[list[str]], None] | None) -> None:
     """Stack one layer's per-expert tensors into [E, 2I, H] (gate rows first) and [E, H, I]."""
     t, p = config.text, f"model.layers.{i}.mlp"
     if i >= t.num_hidden_layers or not t.is_moe_layer(i):
@@ -261,6 +267,9 @@ def _put_experts(out: dict, problems: _Problems, state: Mapping[str, Tensor],
             gu[e, :I].copy_(tensors[(e, "gate")])
             gu[e, I:].copy_(tensors[(e, "up")])
             dn[e].copy_(tensors[(e, "down")])
+        del tensors
+        if release is not None:
+            release(list(bank_keys.values()))
         _put_once(out, problems, gate_up, gu)
         _put_once(out, problems, down, dn)
 

@@ -1,7 +1,11 @@
 """Tier 3: every fast path equals the plain path it replaces, on tiny random bf16 models.
 
 Fast paths: oneDNN-packed weights for CPU bf16 inference (model/packing.py), the grouped
-few-slot expert dispatch (decode) vs sorted segments (prefill), and the loader choosing packing.
+few-slot expert dispatch (decode) vs sorted segments (prefill), the loader choosing packing, and
+experts read in place from the mapped checkpoint where it does not pack.
+
+Where oneDNN cannot pack bf16 (AVX2-only CPUs) a stand-in "packing" (plain copies, the same
+products) takes its place, so the bookkeeping of packed models is tested on every CPU.
 """
 
 from __future__ import annotations
@@ -12,16 +16,35 @@ import pytest
 import torch
 
 from model import ErnieVL
-from model import moe
+from model import loading, moe, packing
 from model.errors import ErnieError
 from model.generate import GenerationConfig, generate
 from model.loading import load_pretrained
 from model.moe import Experts
+from model.linear import linear
 from model.packing import PackedLinear, can_pack, pack_for_cpu, packing_available
 from tests.helpers.checkpoints import make_checkpoint_from_ours
 from tests.helpers.reference import make_inputs, our_config, randomize_
 
-needs_packing = pytest.mark.skipif(not packing_available(), reason="no oneDNN bf16 packing on this torch build or CPU (needs AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def packing_everywhere():
+    if packing_available():
+        yield
+        return
+
+    def stand_in_linear(x, weight, bias=None):
+        if x.requires_grad and torch.is_grad_enabled():
+            raise ErnieError("a model packed by pack_for_cpu is for inference only and has no backward")
+        return linear(x, weight, bias)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (packing, loading):
+            mp.setattr(module, "packing_available", lambda: True)
+        mp.setattr(packing, "pack_weight", lambda w: w.detach().clone())
+        mp.setattr(packing, "packed_linear", stand_in_linear)
+        yield
 
 
 def _bf16_model(name: str, seed: int = 0) -> ErnieVL:
@@ -42,18 +65,16 @@ def pair(request):
     return plain, pack_for_cpu(copy.deepcopy(plain))
 
 
-@needs_packing
 def test_packing_really_replaces_the_decoder_weights(pair):
     _, packed = pair
     layers = packed.model.layers
     assert isinstance(layers[0].self_attn.q_proj, PackedLinear)
     banks = [m for m in packed.modules() if isinstance(m, Experts)]
-    assert banks and all(b.packed is not None and b.gate_up_proj is None for b in banks)
+    assert banks and all(b.bank is not None and b.bank.packed and b.gate_up_proj is None for b in banks)
     assert packed.packed_head is not None
     assert not any(isinstance(m, PackedLinear) for m in packed.vision_model.modules())
 
 
-@needs_packing
 def test_packed_forward_equals_plain_forward_with_image_and_video(pair):
     plain, packed = pair
     inputs = make_inputs("image_video", labels=False)
@@ -63,7 +84,6 @@ def test_packed_forward_equals_plain_forward_with_image_and_video(pair):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-@needs_packing
 def test_packed_greedy_generation_equals_plain(pair):
     plain, packed = pair
     inputs = make_inputs("padded_batch", labels=False)
@@ -72,7 +92,6 @@ def test_packed_greedy_generation_equals_plain(pair):
     assert torch.equal(generate(packed, config=config, **inputs), want)
 
 
-@needs_packing
 def test_packed_state_dict_gives_back_the_plain_weights(pair):
     plain, packed = pair
     want, got = plain.state_dict(), packed.state_dict()
@@ -81,7 +100,6 @@ def test_packed_state_dict_gives_back_the_plain_weights(pair):
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
-@needs_packing
 def test_packed_model_loads_a_new_state_dict():
     packed = pack_for_cpu(_bf16_model("A", seed=0))
     other = _bf16_model("A", seed=1)
@@ -91,7 +109,6 @@ def test_packed_model_loads_a_new_state_dict():
         torch.testing.assert_close(packed(**inputs).logits, other(**inputs).logits, atol=0, rtol=0)
 
 
-@needs_packing
 def test_packed_model_runs_without_no_grad_but_refuses_backward_with_a_clear_error():
     packed = pack_for_cpu(_bf16_model("A"))
     inputs = make_inputs("text")
@@ -127,7 +144,7 @@ def test_grouped_decode_dispatch_equals_segments_with_repeated_experts(monkeypat
         monkeypatch.setattr(moe, "GATHER_MAX_SLOTS", 16)
         grouped = bank(x, experts, weights)
         torch.testing.assert_close(grouped, segmented, atol=0, rtol=0)
-        if bf16 and packing_available():
+        if bf16 and packing.packing_available():
             bank.pack()
             torch.testing.assert_close(bank(x, experts, weights), segmented, atol=0, rtol=0)
 
@@ -143,7 +160,6 @@ def test_grouped_dispatch_keeps_autograd_for_training():
     assert bank.down_proj.grad[2].abs().sum() > 0
 
 
-@needs_packing
 def test_loader_packs_cpu_bf16_unless_told_not_to(tmp_path):
     plain = _bf16_model("A")
     config = plain.config
@@ -190,3 +206,55 @@ def test_segmented_dispatch_keeps_autograd_for_training():
     used = bank.gate_up_proj.grad.abs().sum(dim=(1, 2))  # (E,)
     assert used[0] > 0 and used[2] > 0 and used[1] == 0 and used[3] == 0
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_without_packing_the_loader_reads_experts_in_place(tmp_path, monkeypatch, dtype, n_shards):
+    """No packing: each expert's (gate_up, down) are views of the mapped shards where gate and up
+    lie back to back (one shard), copies where they do not (the test helper deals tensors to 2
+    shards in turn), and the model computes exactly what the plain model computes."""
+    for module in (packing, loading):
+        monkeypatch.setattr(module, "packing_available", lambda: False)
+    plain = _bf16_model("A") if dtype == "bfloat16" else ErnieVL(our_config("A")).eval()
+    if dtype == "float32":
+        randomize_(plain, 0)
+    make_checkpoint_from_ours(tmp_path, plain.state_dict(), plain.config, layout="baidu", n_shards=n_shards)
+    mapped = load_pretrained(str(tmp_path), dtype=dtype, device="cpu")
+    banks = [m for m in mapped.modules() if isinstance(m, Experts)]
+    assert banks and all(b.bank is not None and not b.bank.packed and b.gate_up_proj is None for b in banks)
+    checkpoint = loading.SafetensorsCheckpoint.open(tmp_path)
+    gate_up, down = banks[0].bank[1]
+    gate_name = "model.layers.1.mlp.experts.1.gate_proj.weight"
+    shard = checkpoint._where[gate_name]
+    with open(shard.path, "rb") as f:
+        f.seek(shard.start + shard.entries[gate_name]["data_offsets"][0])
+        raw = f.read(gate_up.numel() * gate_up.element_size())
+    in_place = gate_up.untyped_storage().nbytes() == len(raw) and bytes(gate_up.view(torch.uint8).flatten().numpy()) == raw
+    assert in_place == (n_shards == 1)  # a view is the file's bytes at the gate's offset, whole
+    for k, v in plain.state_dict().items():
+        assert torch.equal(mapped.state_dict()[k], v), k
+    inputs = make_inputs("image_video", labels=False)
+    with torch.no_grad():
+        torch.testing.assert_close(mapped(**inputs).logits, plain(**inputs).logits, atol=0, rtol=0)
+    other = _bf16_model("A", seed=1).to(getattr(torch, dtype))
+    for m in other.modules():
+        if isinstance(m, moe.Router):
+            m.float()
+    mapped.load_state_dict(other.state_dict(), strict=True)  # a later load replaces the views
+    with torch.no_grad():
+        torch.testing.assert_close(mapped(**inputs).logits, other(**inputs).logits, atol=0, rtol=0)
+
+
+def test_experts_are_stacked_when_their_dtype_changes(tmp_path, monkeypatch):
+    for module in (packing, loading):
+        monkeypatch.setattr(module, "packing_available", lambda: False)
+    plain = _bf16_model("A")
+    make_checkpoint_from_ours(tmp_path, plain.state_dict(), plain.config, layout="baidu")
+    stacked = load_pretrained(str(tmp_path), dtype="float32", device="cpu")
+    banks = [m for m in stacked.modules() if isinstance(m, Experts)]
+    assert banks and all(b.bank is None and b.gate_up_proj.dtype == torch.float32 for b in banks)
+    inputs = make_inputs("text", labels=False)
+    with torch.no_grad():
+        torch.testing.assert_close(stacked(**inputs).logits.float(), plain.float()(**inputs).logits,
+                                   atol=1e-5, rtol=1e-5)

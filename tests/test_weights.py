@@ -90,6 +90,22 @@ def test_transformers_in_memory_names():
     assert _equal(to_ours(native, CFG_A), ours)
 
 
+def test_release_is_told_each_source_once_it_was_copied():
+    """The loader drops a source's mapped pages once they were copied: expert banks as they are
+    stacked, other tensors when a dtype change copied them; tensors kept as views are never told."""
+    baidu = to_baidu(random_state(CFG_A, seed=5), CFG_A)
+    per_expert = {k for k in baidu if ".experts." in k}
+    told: list[list[str]] = []
+    to_ours(baidu, CFG_A, release=told.append)
+    assert {k for batch in told for k in batch} == per_expert
+    assert len(told) == 2 * 2  # two MoE layers, two banks each (CFG_A)
+    told.clear()
+    to_ours(baidu, CFG_A, dtype=torch.bfloat16, release=told.append)
+    released = {k for batch in told for k in batch}
+    assert per_expert < released and "model.embed_tokens.weight" in released
+    assert not any(".gate.weight" in k or "moe_statics" in k for k in released)  # routers: small, kept
+
+
 def test_idempotent_and_no_copy():
     ours = random_state(CFG_B, seed=4)
     once = to_ours(to_baidu(ours, CFG_B), CFG_B)
