@@ -84,9 +84,10 @@ def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = 
         _pack_experts_from(checkpoint, plan, model)
     if pack:
         pack_for_cpu(model, release=checkpoint.release_pages)
-    checkpoint.release_pages()  # every page that was copied goes ...
-    if on_cpu:
-        checkpoint.populate([*model.parameters(), *model.buffers()])  # ... and those the model reads in place come back, mapped
+    if on_cpu:  # copied pages were released as they went; map in those the model reads in place
+        checkpoint.populate([*model.parameters(), *model.buffers()])
+    else:
+        checkpoint.release_pages()
     return model
 
 
