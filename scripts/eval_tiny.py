@@ -50,19 +50,49 @@ def video_correct(answer: str, clip: shapes.Clip) -> bool:
     return parse_answer(answer) == ((clip.shape.colour, clip.shape.kind),) and direction == [clip.direction]
 
 
-def describe(model, processor, media_type: str, path: Path, max_new_tokens: int = 32) -> str:
-    """Greedy answer to the default prompt for one image or video file."""
+def describe(model, processor, media_type: str, path: Path, max_new_tokens: int = 32,
+             history: list[dict] | None = None) -> str:
+    """Greedy answer to the default prompt for one image or video file, after ``history``
+    (earlier chat messages) if given."""
     import torch
 
     from model.generate import generate
 
-    prompt = shapes.IMAGE_PROMPT if media_type == "image" else shapes.VIDEO_PROMPT
-    messages = [{"role": "user", "content": [{"type": media_type, media_type: str(path)},
-                                             {"type": "text", "text": prompt}]}]
+    messages = list(history or []) + user_turn(media_type, path)
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True)
     with torch.inference_mode():
         out = generate(model, max_new_tokens=max_new_tokens, do_sample=False, **inputs)
     return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def user_turn(media_type: str, path: Path) -> list[dict]:
+    prompt = shapes.IMAGE_PROMPT if media_type == "image" else shapes.VIDEO_PROMPT
+    return [{"role": "user", "content": [{"type": media_type, media_type: str(path)}, {"type": "text", "text": prompt}]}]
+
+
+def evaluate_followups(model, processor, n: int, seed: int = HELD_OUT_SEED + 1, failures: list | None = None) -> dict:
+    """Second chat turns, as ``ernie chat`` builds them: a first picture or clip and the model's
+    own answer to it stay in the conversation, then a new picture or clip is asked about. Only the
+    second answer is scored."""
+    rng = random.Random(seed)
+    right = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(n):
+            history: list[dict] = []
+            for turn in range(2):
+                if rng.random() < 0.5:
+                    kind, item = "image", shapes.random_scene(rng)
+                    path = shapes.save_image(item, Path(tmp) / f"followup{i}-{turn}.{'png' if rng.random() < 0.5 else 'jpg'}")
+                else:
+                    kind, item = "video", shapes.random_clip(rng)
+                    path = shapes.save_video(item, Path(tmp) / f"followup{i}-{turn}.mp4")
+                answer = describe(model, processor, kind, path, history=history)
+                history += user_turn(kind, path) + [{"role": "assistant", "content": answer}]
+            ok = image_correct(answer, item) if kind == "image" else video_correct(answer, item)
+            right += ok
+            if not ok and failures is not None:
+                failures.append((f"follow-up {path.name}", item.answer, answer))
+    return {"followups": n, "followup_accuracy": right / max(n, 1)}
 
 
 def evaluate_loaded(model, processor, n_images: int, n_videos: int, seed: int = HELD_OUT_SEED,
@@ -96,7 +126,7 @@ def evaluate_loaded(model, processor, n_images: int, n_videos: int, seed: int = 
 
 
 def evaluate(model_dir: Path, n_images: int, n_videos: int, seed: int = HELD_OUT_SEED,
-             failures: list | None = None) -> dict:
+             failures: list | None = None, n_followups: int = 0) -> dict:
     """Load the checkpoint in ``model_dir`` the way the CLI does, then ``evaluate_loaded``."""
     import torch
 
@@ -106,7 +136,10 @@ def evaluate(model_dir: Path, n_images: int, n_videos: int, seed: int = HELD_OUT
     torch.manual_seed(0)
     model = load_pretrained(str(model_dir), device="cpu")
     processor = ErnieVLProcessor.from_pretrained(model_dir)
-    return evaluate_loaded(model, processor, n_images, n_videos, seed=seed, failures=failures)
+    result = evaluate_loaded(model, processor, n_images, n_videos, seed=seed, failures=failures)
+    if n_followups:
+        result.update(evaluate_followups(model, processor, n_followups, seed=seed + 1, failures=failures))
+    return result
 
 
 def main() -> None:
@@ -116,13 +149,15 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=ASSET)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--videos", type=int, default=50)
+    parser.add_argument("--followups", type=int, default=50, help="second chat turns (new media after a first exchange)")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     failures: list = []
     start = time.time()
-    result = evaluate(args.model_dir, args.images, args.videos, seed=args.seed, failures=failures)
+    result = evaluate(args.model_dir, args.images, args.videos, seed=args.seed, failures=failures,
+                      n_followups=args.followups)
     result["seconds"] = round(time.time() - start, 1)
     for name, expected, got in failures[:20]:
         print(f"wrong  {name}: expected {expected!r}, got {got!r}")
@@ -130,6 +165,8 @@ def main() -> None:
           f"(colours alone: {result['image_colour_accuracy']:.1%})")
     print(f"videos: {result['video_accuracy']:.1%} right of {args.videos} "
           f"(colour alone: {result['video_colour_accuracy']:.1%})")
+    if args.followups:
+        print(f"follow-ups: {result['followup_accuracy']:.1%} right of {args.followups} (second chat turns)")
     print(json.dumps(result))
 
 

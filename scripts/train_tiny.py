@@ -227,21 +227,28 @@ def random_item(rng: random.Random, processor, progress: float, video_share: flo
 
 
 def random_batch(rng: random.Random, processor, progress: float, size: int,
-                 media_first: float = 0.85, video_share: float = 0.25):
-    """``size`` examples in one left-padded batch from the real processor; labels cover the answers
-    only. Also returns each sample's kind and source (scene, or clip and frame indices)."""
+                 media_first: float = 0.85, video_share: float = 0.25, multi_turn: float = 0.0):
+    """``size`` examples in one left-padded batch from the real processor; labels cover the last
+    answer only. A fraction ``multi_turn`` of the samples are follow-ups, as in ``ernie chat``: an
+    earlier exchange (its media, prompt and right answer) comes first. Also returns the kind and
+    source (scene, or clip and frame indices) of every picture and clip, in prompt order."""
     from processing.chat_format import EOS, render_chat
 
     texts, images, videos, answers, kinds, sources = [], [], [], [], [], []
     eos = processor.tokenizer.eos_token_id
     for _ in range(size):
-        kind, media, prompt, answer, source = random_item(rng, processor, progress, video_share)
-        sources.append(source)
-        messages = conversation({"type": kind}, prompt, media_first=rng.random() < media_first)
+        turns = 2 if multi_turn > 0 and rng.random() < multi_turn else 1
+        messages: list[dict] = []
+        for turn in range(turns):
+            kind, media, prompt, answer, source = random_item(rng, processor, progress, video_share)
+            sources.append(source)
+            kinds.append(kind)
+            (videos if kind == "video" else images).append(media)
+            messages += conversation({"type": kind}, prompt, media_first=rng.random() < media_first)
+            if turn < turns - 1:
+                messages.append({"role": "assistant", "content": answer})
         texts.append(render_chat(messages, add_generation_prompt=True, enable_thinking=False) + answer + EOS)
-        (videos if kind == "video" else images).append(media)
         answers.append(processor.tokenizer.encode(answer) + [eos])
-        kinds.append(kind)
     inputs = processor(text=texts, images=images or None, videos=videos or None, padding_side="left")
     ids = inputs["input_ids"]
     labels = torch.full_like(ids, -100)
@@ -408,7 +415,8 @@ def train(args) -> dict:
         total, dense_total, kinds = 0.0, 0.0, []
         for _ in range(args.accum):
             inputs, labels, batch_kinds, sources = random_batch(
-                rng, processor, max(progress, args.curriculum_from), args.batch, args.media_first, args.video_share)
+                rng, processor, max(progress, args.curriculum_from), args.batch, args.media_first, args.video_share,
+                args.multi_turn)
             if probe is not None:
                 probe.captured, probe.active = [], True
             out = model(**inputs, labels=labels, output_router_logits=True)
@@ -444,7 +452,7 @@ def train(args) -> dict:
               "media_first": args.media_first, "image_sides": [args.image_min_side, args.image_max_side],
               "video_sides": [args.video_min_side, args.video_max_side],
               "vision": [args.vision_depth, args.vision_width], "dense": args.dense,
-              "video_share": args.video_share}
+              "video_share": args.video_share, "multi_turn": args.multi_turn}
     _write_json(args.out / "training_record.json", record)
     return record
 
@@ -460,7 +468,15 @@ def checkpoint(model, config, args, step: int, best: float) -> float:
         result = evaluate_loaded(model, ErnieVLProcessor.from_pretrained(args.out), args.quick_eval,
                                  max(2, args.quick_eval // 3), seed=10_000 + step)
         score = (3 * result["image_accuracy"] + result["video_accuracy"]) / 4
-        log(f"checkpoint at step {step}: images {result['image_accuracy']:.2f}  videos {result['video_accuracy']:.2f}")
+        line = f"checkpoint at step {step}: images {result['image_accuracy']:.2f}  videos {result['video_accuracy']:.2f}"
+        if args.multi_turn > 0:  # follow-ups count as much as first turns
+            from eval_tiny import evaluate_followups
+
+            followups = evaluate_followups(model, ErnieVLProcessor.from_pretrained(args.out),
+                                           max(4, args.quick_eval // 2), seed=20_000 + step)["followup_accuracy"]
+            score = (score + followups) / 2
+            line += f"  follow-ups {followups:.2f}"
+        log(line)
     if score >= best:
         save_weights(args.out, model, config)
         log(f"saved step {step} (score {score:.3f})")
@@ -499,6 +515,8 @@ def main() -> None:
     parser.add_argument("--dense", type=float, default=0.0,
                         help="weight of the dense kind/direction targets on the vision tokens (0: off)")
     parser.add_argument("--video-share", type=float, default=0.25, help="fraction of clips after the first phase")
+    parser.add_argument("--multi-turn", type=float, default=0.0,
+                        help="fraction of samples that follow an earlier exchange (a second chat turn)")
     parser.add_argument("--vision-depth", type=int, default=2)
     parser.add_argument("--vision-width", type=int, default=96, help="a multiple of 32 (heads of 32)")
     args = parser.parse_args()

@@ -175,6 +175,27 @@ def test_training_labels_cover_exactly_the_answer_and_eos():
         assert not any(t in text for t in ("Assistant", "<think>", "<|IMAGE", "<|VIDEO"))
 
 
+def test_follow_up_samples_carry_an_earlier_exchange_and_label_only_the_last_answer():
+    from processing.processor import ErnieVLProcessor
+
+    processor = ErnieVLProcessor.from_pretrained(ASSET)
+    inputs, labels, kinds, sources = training.random_batch(random.Random(1), processor, 0.9, 3, multi_turn=1.0)
+    assert len(kinds) == len(sources) == 6  # two pictures or clips per sample, in prompt order
+    n_media = int((inputs["input_ids"] == processor.image_start_token_id).sum()
+                  + (inputs["input_ids"] == processor.tokenizer.token_to_id("<|VIDEO_START|>")).sum())
+    assert n_media == 6
+    eos = processor.tokenizer.eos_token_id
+    for row in range(3):
+        ids = inputs["input_ids"][row].tolist()
+        kept = labels[row][labels[row] != -100].tolist()
+        assert ids.count(eos) == 2 and kept.count(eos) == 1  # the earlier answer is context, not a target
+        assert kept == ids[-len(kept):]
+        text = processor.decode(ids)
+        assert text.count("User: ") == 2 and text.count("Assistant: ") == 2
+        earlier = sources[2 * row] if kinds[2 * row] == "image" else sources[2 * row][0]  # scene, or (clip, frames)
+        assert f"Assistant: {earlier.answer}<|end_of_sentence|>" in text
+
+
 # --- the shipped checkpoint -------------------------------------------------------------------
 
 
