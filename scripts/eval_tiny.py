@@ -3,8 +3,10 @@
 Fresh scenes (PNG and JPEG) and clips (MP4) come from scripts/shapes.py with a seed the training
 never used. An image answer is right when it names exactly the scene's shapes and colours in
 left-to-right order; a video answer when it names the shape, its colour and its direction.
+Follow-ups are second chat turns: a first picture or clip and the model's own answer stay in
+the conversation, and only the answer about the second one is scored.
 
-    python scripts/eval_tiny.py                      # 200 images, 50 videos, the shipped checkpoint
+    python scripts/eval_tiny.py                      # 200 images, 50 videos, 50 follow-ups, the shipped checkpoint
     python scripts/eval_tiny.py --images 20 --videos 6 --model-dir /tmp/ernie-tiny
 """
 
