@@ -201,7 +201,8 @@ class SafetensorsCheckpoint(Mapping):
         first forward would otherwise fault them in a page at a time)."""
         shards = set(self._where.values())
         for t in tensors:
-            if t.device.type != "cpu" or t.numel() == 0:
+            # oneDNN-packed weights are opaque copies (no storage to ask about, nothing mapped)
+            if t.device.type != "cpu" or t.numel() == 0 or t.is_mkldnn or t.layout != torch.strided:
                 continue
             storage = t.untyped_storage()
             for shard in shards:

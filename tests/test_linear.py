@@ -107,17 +107,29 @@ def _bf16_model(name: str) -> ErnieVL:
 
 @pytest.mark.parametrize("name", ["A", "B"])
 def test_bf16_generation_is_route_independent(name, monkeypatch):
-    """Greedy tokens of a bf16 model with an image: torch's bf16 everywhere vs the slow-CPU routes."""
+    """Greedy tokens of a bf16 model with an image: torch's bf16 everywhere vs the slow-CPU routes.
+
+    Both are held to the same model in fp32. bf16 rounding can flip a near-tie expert choice at a
+    position or two (on either route: which one depends on the CPU's bf16 kernels), so the logits
+    are compared position by position: the routed ones must be as close to fp32 as torch's bf16
+    ones almost everywhere, and the greedy tokens must agree.
+    """
     model = _bf16_model(name)
     inputs = make_inputs("image_video", labels=False)
+    truth_inputs = {k: (v.float() if k.startswith("pixel_values") else v) for k, v in inputs.items()}
     inputs = {k: (v.bfloat16() if k.startswith("pixel_values") else v) for k, v in inputs.items()}
     config = GenerationConfig(max_new_tokens=8, do_sample=False)
     monkeypatch.setattr(lin, "native_bf16_cpu", lambda: True)
     with torch.no_grad():
+        truth = _bf16_model(name).float()(**truth_inputs).logits
         plain_logits = model(**inputs).logits.float()
         plain = generate(model, **inputs, config=config).tolist()
         monkeypatch.setattr(lin, "native_bf16_cpu", lambda: False)
         routed_logits = model(**inputs).logits.float()
         routed = generate(model, **inputs, config=config).tolist()
-    torch.testing.assert_close(routed_logits, plain_logits, rtol=0.05, atol=0.05 * float(plain_logits.abs().max()))
+    plain_err = (plain_logits - truth).abs().amax(-1).flatten()  # (B*T,) worst logit per position
+    routed_err = (routed_logits - truth).abs().amax(-1).flatten()
+    scale = float(truth.abs().max())
+    assert float((routed_err > 0.05 * scale).float().mean()) <= 0.1, routed_err
+    assert float(routed_err.median()) <= 1.5 * float(plain_err.median()) + 1e-3, (routed_err, plain_err)
     assert routed == plain
