@@ -43,9 +43,10 @@ class Side:
                 self.model = ErnieVL(config).eval()  # init_weights runs on the device, N(0, 0.02)
         finally:
             torch.set_default_dtype(previous)
-        if self.device.type == "cpu":  # what load_pretrained does on CPU: pre-packed bf16 weights
-            from model.packing import pack_for_cpu
-            pack_for_cpu(self.model)  # a no-op where packing is unavailable
+        if self.device.type == "cpu":  # what load_pretrained does on CPU: packed only where it pays
+            from model.packing import pack_for_cpu, packing_pays
+            if packing_pays():
+                pack_for_cpu(self.model)
         self.processor = ErnieVLProcessor.from_pretrained(self.checkpoint)
 
     def weight_bytes(self) -> int:

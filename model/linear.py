@@ -11,7 +11,11 @@ torch's bf16 matmul emulates bf16 and runs several times slower than fp32 (measu
 - a product with a few rows (decode) goes to the streaming bf16 GEMV of ``model.kernels`` when
   it is available, else to torch.
 
-Everything else (fp32 or fp16 weights, CUDA, CPUs with native bf16) calls ``F.linear``.
+On a CPU with native bf16 (AVX512-BF16, AMX) torch's bf16 GEMM is the fast one for many rows, but
+its one-row product reads the weight at about half the speed of the GEMV kernel, so products of
+one or two rows (decode at batch 1) still go to the kernel.
+
+Everything else (fp32 or fp16 weights, CUDA) calls ``F.linear``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from model import kernels
 # From this many rows on, a CPU bf16 product without native bf16 runs in fp32 (the upcast of the
 # weight costs about as much as a 16-row product: below that the weight's bytes dominate).
 UPCAST_MIN_ROWS = 16
+# On a CPU with native bf16, products of up to this many rows still go to the GEMV kernel: at batch
+# 1 it streams a weight at 24-30 GB/s where torch's bf16 GEMV reaches 14 (2-core AMX Xeon).
+NATIVE_GEMV_MAX_ROWS = 2
 
 
 @lru_cache(maxsize=1)
@@ -36,22 +43,25 @@ def native_bf16_cpu() -> bool:
     return any(check is not None and check() for check in checks)
 
 
-def _slow_bf16(weight: torch.Tensor) -> bool:
-    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not native_bf16_cpu()
-
-
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def gemv_max_rows() -> int:
+    """Up to how many rows a CPU bf16 product goes to the GEMV kernel: all it takes without native
+    bf16; with it, 2 (at 3 rows and more torch's own bf16 kernels are as fast)."""
+    return NATIVE_GEMV_MAX_ROWS if native_bf16_cpu() else kernels.MAX_ROWS
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, routed as the module docstring says. x (..., K), weight (N, K)."""
-    if _slow_bf16(weight) and x.dtype == torch.bfloat16 and not _needs_grad(x, weight, bias):
+    if (weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and not _needs_grad(x, weight, bias)):
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows >= UPCAST_MIN_ROWS:
+        if rows >= UPCAST_MIN_ROWS and not native_bf16_cpu():
             out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
             return out.to(torch.bfloat16)
-        if 0 < rows <= kernels.MAX_ROWS and kernels.gemv_available():
+        if 0 < rows <= gemv_max_rows() and kernels.gemv_available():
             return kernels.bf16_gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 

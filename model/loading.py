@@ -27,7 +27,7 @@ from torch import Tensor
 from model.config import ErnieVLConfig
 from model.errors import CheckpointError, ErnieError
 from model.hub import DEFAULT_REPO, resolve
-from model.packing import ExpertBank, pack_for_cpu, packing_available
+from model.packing import ExpertBank, pack_for_cpu, packing_pays
 from model.weights import BANKS, PER_EXPERT_KEY, IGNORED, renamed
 from model.weights import to_ours
 
@@ -65,7 +65,7 @@ def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = 
     target_dtype = resolve_dtype(dtype, root, checkpoint)
     target_device = resolve_device(device)
     on_cpu = target_device.type == "cpu"
-    packing = pack and on_cpu and target_dtype == torch.bfloat16 and packing_available()
+    packing = pack and on_cpu and target_dtype == torch.bfloat16 and packing_pays()
     plan = _expert_sources(checkpoint, config) if pack and on_cpu else None
     views = None
     if plan is not None and not packing:
@@ -82,7 +82,7 @@ def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = 
             getattr(model.model.layers[i].mlp, f"{bank}_experts").use_bank(ExpertBank.from_plain(pairs))
     elif plan is not None:
         _pack_experts_from(checkpoint, plan, model)
-    if pack:
+    if packing:
         pack_for_cpu(model, release=checkpoint.release_pages)
     if on_cpu:  # copied pages were released as they went; map in those the model reads in place
         checkpoint.populate([*model.parameters(), *model.buffers()])

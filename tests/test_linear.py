@@ -65,6 +65,19 @@ def test_native_or_other_dtypes_call_torch(monkeypatch):
     assert calls == [torch.bfloat16, torch.float32]
 
 
+@pytest.mark.parametrize("native,rows,to_kernel", [(True, 1, True), (True, 2, True), (True, 3, False),
+                                                   (False, 8, True), (False, 9, False)])
+def test_decode_rows_go_to_the_kernel_with_or_without_native_bf16(monkeypatch, native, rows, to_kernel):
+    """torch's one-row bf16 product reads weights at half the kernel's speed even on AMX CPUs."""
+    calls = []
+    monkeypatch.setattr(lin, "native_bf16_cpu", lambda: native)
+    monkeypatch.setattr(kernels, "gemv_available", lambda: True)
+    monkeypatch.setattr(kernels, "bf16_gemv", lambda x, w, b=None: calls.append(x.shape) or F.linear(x, w, b))
+    x, w = torch.randn(rows, 32).bfloat16(), torch.randn(8, 32).bfloat16()
+    out = lin.linear(x, w)
+    assert out.shape == (rows, 8) and bool(calls) == to_kernel
+
+
 def test_training_keeps_autograd(slow_cpu):
     """An input that needs a gradient takes torch's own bf16 path (differentiable)."""
     layer = lin.Linear(8, 4).bfloat16()

@@ -30,8 +30,11 @@ from tests.helpers.reference import make_inputs, our_config, randomize_
 
 @pytest.fixture(scope="module", autouse=True)
 def packing_everywhere():
+    """The loader packs here (where the GEMV kernel runs it would not: see ``packing_pays``)."""
     if packing_available():
-        yield
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(loading, "packing_pays", lambda: True)
+            yield
         return
 
     def stand_in_linear(x, weight, bias=None):
@@ -40,8 +43,8 @@ def packing_everywhere():
         return linear(x, weight, bias)
 
     with pytest.MonkeyPatch.context() as mp:
-        for module in (packing, loading):
-            mp.setattr(module, "packing_available", lambda: True)
+        mp.setattr(packing, "packing_available", lambda: True)
+        mp.setattr(loading, "packing_pays", lambda: True)
         mp.setattr(packing, "pack_weight", lambda w: w.detach().clone())
         mp.setattr(packing, "packed_linear", stand_in_linear)
         yield
@@ -173,6 +176,13 @@ def test_loader_packs_cpu_bf16_unless_told_not_to(tmp_path):
         torch.testing.assert_close(slow(**inputs).logits, plain(**inputs).logits, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("onednn,kernel,pays", [(True, True, False), (True, False, True), (False, False, False)])
+def test_loader_packs_only_where_the_gemv_kernel_cannot_run(monkeypatch, onednn, kernel, pays):
+    monkeypatch.setattr(packing, "packing_available", lambda: onednn)
+    monkeypatch.setattr(packing.kernels, "gemv_available", lambda: kernel)
+    assert packing.packing_pays() is pays
+
+
 def test_segmented_dispatch_equals_a_per_token_loop_with_unused_experts():
     """Many slots (the prefill path) over 8 experts of which only 3 are chosen: each token's
     output is the weighted sum of its own experts, whatever order the segments run in."""
@@ -214,8 +224,8 @@ def test_without_packing_the_loader_reads_experts_in_place(tmp_path, monkeypatch
     """No packing: each expert's (gate_up, down) are views of the mapped shards where gate and up
     lie back to back (one shard), copies where they do not (the test helper deals tensors to 2
     shards in turn), and the model computes exactly what the plain model computes."""
-    for module in (packing, loading):
-        monkeypatch.setattr(module, "packing_available", lambda: False)
+    monkeypatch.setattr(packing, "packing_available", lambda: False)
+    monkeypatch.setattr(loading, "packing_pays", lambda: False)
     plain = _bf16_model("A") if dtype == "bfloat16" else ErnieVL(our_config("A")).eval()
     if dtype == "float32":
         randomize_(plain, 0)
@@ -247,8 +257,8 @@ def test_without_packing_the_loader_reads_experts_in_place(tmp_path, monkeypatch
 
 
 def test_experts_are_stacked_when_their_dtype_changes(tmp_path, monkeypatch):
-    for module in (packing, loading):
-        monkeypatch.setattr(module, "packing_available", lambda: False)
+    monkeypatch.setattr(packing, "packing_available", lambda: False)
+    monkeypatch.setattr(loading, "packing_pays", lambda: False)
     plain = _bf16_model("A")
     make_checkpoint_from_ours(tmp_path, plain.state_dict(), plain.config, layout="baidu")
     stacked = load_pretrained(str(tmp_path), dtype="float32", device="cpu")
