@@ -16,7 +16,7 @@ from torch import nn
 
 from model.config import TextConfig
 from model.linear import Linear
-from model.rope import apply_text_rope
+from model.rope import rotate_text
 
 
 class Attention(nn.Module):
@@ -34,20 +34,39 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * D, H, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache=None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H). mask: bool (B, 1, T, S) or None for plain causal."""
+                mask: torch.Tensor | None, cache=None, cache_position: torch.Tensor | None = None,
+                keep_last: int = 0) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H). mask: bool (B, 1, T, S) or None for plain causal.
+
+        keep_last = n > 0: keys and values of all T tokens (and the cache) as usual, but queries
+        and the output only for the last n tokens, (B, n, H) (see ``TextDecoder.forward``).
+        """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        q = self.q_proj(x[:, -keep_last:] if keep_last else x)  # (B, Tq, Hq*D), Tq = n or T
+        Tq = q.shape[1]
+        q = q.view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, Tq, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_text_rope(q, k, cos, sin)
+        q, k = rotate_text(q, cos[:, -Tq:], sin[:, -Tq:]), rotate_text(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, Hkv, S, D)
+        if keep_last:
+            mask = last_rows_mask(mask, cache_position, k.shape[2], keep_last)
         out = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
-            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, Hq, T, D)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, Hq*D)
+            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, Hq, Tq, D)
+        out = out.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim)  # (B, Tq, Hq*D)
         return self.o_proj(out)
+
+
+def last_rows_mask(mask: torch.Tensor | None, cache_position: torch.Tensor, num_slots: int, n: int) -> torch.Tensor:
+    """The rows of the last n queries of a (B|1, 1, T, S) mask; where the mask was None (plain
+    causal), built from their slots: SDPA's own causal flag would align a short query block with
+    the first keys, not the last."""
+    if mask is not None:
+        return mask[:, :, -n:]
+    slots = torch.arange(num_slots, device=cache_position.device)
+    return (slots[None, :] <= cache_position[-n:, None])[None, None]  # (1, 1, n, S)
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor,

@@ -151,7 +151,10 @@ class ErnieVL(nn.Module):
         vision_mask = moe_mm_token_type_ids != 0 if moe_mm_token_type_ids is not None else None
         if vision_mask is not None and not bool(vision_mask.any()):
             vision_mask = None  # one check per forward, not one per MoE layer (every decode step)
-        hidden, router_logits = self.model(inputs_embeds, position_ids, mask, vision_mask, cache, cache_position)
+        # the last layer runs only the positions whose logits are kept (not when its router logits are wanted)
+        keep_last = logits_to_keep if isinstance(logits_to_keep, int) and not output_router_logits else 0
+        hidden, router_logits = self.model(inputs_embeds, position_ids, mask, vision_mask, cache, cache_position,
+                                           keep_last)
         hidden = _keep_last(hidden, logits_to_keep)
         logits = vocab_logits(hidden, self.output_weight, self.packed_head)  # (B, T_kept, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None

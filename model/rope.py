@@ -63,10 +63,13 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 def apply_text_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, Hq, T, D) and k (B, Hk, T, D) with cos/sin (B, T, D); math in fp32."""
+    return rotate_text(q, cos, sin), rotate_text(k, cos, sin)
+
+
+def rotate_text(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, D) with cos/sin (B, T, D) of its own T positions; math in fp32."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
-    q_rot = q.float() * cos + rotate_pairs(q).float() * sin
-    k_rot = k.float() * cos + rotate_pairs(k).float() * sin
-    return q_rot.to(q.dtype), k_rot.to(k.dtype)
+    return (x.float() * cos + rotate_pairs(x).float() * sin).to(x.dtype)
 
 
 @lru_cache(maxsize=8)

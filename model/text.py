@@ -47,9 +47,17 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 vision_mask: torch.Tensor | None = None, cache=None,
-                cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, H) -> (B, T, H), router logits (B*T, E) or None for a dense layer."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
+                cache_position: torch.Tensor | None = None, keep_last: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, H) -> (B, T, H), router logits (B*T, E) or None for a dense layer.
+
+        keep_last = n > 0: the cache gets every token's keys and values, the output only the last
+        n tokens, (B, n, H), and the MLP / experts run on those alone."""
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, keep_last)
+        if keep_last:
+            x = x[:, -keep_last:]
+            vision_mask = None if vision_mask is None else vision_mask[:, -keep_last:]
+            vision_mask = vision_mask if vision_mask is not None and bool(vision_mask.any()) else None
+        x = x + attn
         h = self.post_attention_layernorm(x)
         router_logits = None
         if self.is_moe:
@@ -74,13 +82,23 @@ class TextDecoder(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
                 vision_mask: torch.Tensor | None = None, cache=None,
-                cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """inputs_embeds (B, T, H), position_ids (3, B, T) -> normed hidden (B, T, H), router logits per MoE layer."""
+                cache_position: torch.Tensor | None = None, keep_last: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """inputs_embeds (B, T, H), position_ids (3, B, T) -> normed hidden (B, T, H), router logits per MoE layer.
+
+        keep_last = n (0 < n < T): only the last n positions' hidden states are wanted (a prefill
+        wants the last one). Every layer still writes all T tokens' keys and values to the cache,
+        but nothing reads the other positions' output of the *last* layer, so its queries,
+        attention output, MLP or experts run on n rows: the hidden returned is (B, n, H). At 4
+        layers that is a quarter of a prefill's matmuls; at the released 28, 1/28.
+        """
         cos, sin = text_rope(self.config, position_ids)  # (B, T, D) each
         x = inputs_embeds
+        keep_last = keep_last if 0 < keep_last < x.shape[1] else 0
         all_router_logits = []
-        for layer in self.layers:
-            x, router_logits = layer(x, cos, sin, mask, vision_mask, cache, cache_position)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x, router_logits = layer(x, cos, sin, mask, vision_mask, cache, cache_position,
+                                     keep_last if i == last else 0)
             if router_logits is not None:
                 all_router_logits.append(router_logits)
         return self.norm(x), all_router_logits

@@ -102,6 +102,28 @@ def test_cached_decode_equals_full_forward(model, case):
     assert cache.seq_len == P + 3
 
 
+@pytest.mark.parametrize("case", ["image_video", "padded_batch"])
+def test_prefill_runs_the_last_layer_on_the_kept_positions_only(model, case):
+    """logits_to_keep=1: the last layer's feed-forward sees B rows, every layer still caches all
+    T tokens, and the cache and the kept logits equal those of a forward that keeps everything."""
+    inputs = make_inputs(case, labels=False)
+    B, P = inputs["input_ids"].shape
+    last = model.model.layers[-1]
+    rows = []
+    hook = last.mlp.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:2]))
+    try:
+        with torch.no_grad():
+            caches = [StaticKVCache(model.config.text, B, P + 2) for _ in range(2)]
+            pruned = model(**inputs, past_key_values=caches[0], logits_to_keep=1)
+            full = model(**inputs, past_key_values=caches[1], logits_to_keep=0)
+    finally:
+        hook.remove()
+    assert rows == [(B, 1), (B, P)]
+    torch.testing.assert_close(pruned.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-5)
+    for k_pruned, k_full in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        torch.testing.assert_close(k_pruned, k_full, atol=0, rtol=0)
+
+
 def test_vision_tokens_and_markers_reach_only_vision_experts(model):
     inputs = make_inputs("image_video", labels=False)
     vision = inputs["moe_mm_token_type_ids"][0] != 0
