@@ -129,8 +129,9 @@ class Experts(nn.Module):
             y = self._grouped(x, flat.tolist(), K)
         else:
             y = self._segmented(x, flat, K)
-        y = y.view(N, K, -1) * weights.unsqueeze(-1).to(y.dtype)  # (N, K, H)
-        return y.sum(dim=1)
+        # weighted sum over each token's K slots as one batched product: (N, 1, K) @ (N, K, H)
+        # sums in fp32 and rounds once (a product then a sum rounds every product first)
+        return torch.bmm(weights.unsqueeze(1).to(y.dtype), y.view(N, K, -1)).squeeze(1)  # (N, H)
 
     def _gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's fused gate/up projection: x (n, H) -> (n, 2I), gate columns first."""

@@ -96,7 +96,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_vision_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q, k (N, H, D) with cos/sin (N, D); math in fp32."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, D)
-    q_rot = q.float() * cos + rotate_half(q.float()) * sin
-    k_rot = k.float() * cos + rotate_half(k.float()) * sin
-    return q_rot.to(q.dtype), k_rot.to(k.dtype)
+    return rotate_vision(q, cos, sin), rotate_vision(k, cos, sin)
+
+
+def rotate_vision(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (N, ..., D) with cos/sin (N, D), e.g. q and k together as (N, 2, H, D): one pass
+    over both instead of one each. Math in fp32, the result in x's dtype."""
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)  # (N, 1, ..., D)
+    x32 = x.float()
+    return (x32 * cos.view(shape)).add_(rotate_half(x32).mul_(sin.view(shape))).to(x.dtype)

@@ -178,3 +178,21 @@ def test_mismatched_image_tokens_raise_a_clear_error(model):
         model(**dict(inputs, pixel_values=inputs["pixel_values"][:-1]))
     with pytest.raises(ErnieError, match="exactly one of input_ids and inputs_embeds"):
         model()
+
+
+def test_vision_mlp_in_place_activation_equals_the_formula_and_keeps_autograd():
+    """quick_gelu runs in place on fc1's output at inference; training still differentiates."""
+    from model.vision import VisionMLP
+
+    cfg = our_config("A").vision
+    mlp = VisionMLP(cfg)
+    assert mlp.quick
+    x = torch.randn(5, cfg.hidden_size)
+    h = mlp.fc1(x).detach()
+    want = mlp.fc2(h * torch.sigmoid(1.702 * h)).detach()
+    with torch.no_grad():
+        assert torch.equal(mlp(x), want)
+    out = mlp(x)  # weights need gradients: the out-of-place path
+    torch.testing.assert_close(out.detach(), want, atol=0, rtol=0)
+    out.sum().backward()
+    assert mlp.fc1.weight.grad is not None and mlp.fc1.weight.grad.abs().sum() > 0

@@ -12,7 +12,8 @@ import torch
 
 from model.config import tiny
 from model.positions import decode_positions, get_rope_index
-from model.rope import apply_text_rope, apply_vision_rope, rotate_pairs, text_rope, vision_rope
+from model.rope import (apply_text_rope, apply_vision_rope, rotate_half, rotate_pairs, rotate_vision,
+                        text_rope, vision_rope)
 from model.vision import patch_positions
 
 CFG = tiny()  # image 3, image start 4 / end 5, video start 6 / end 7, video 8; mrope (3, 3, 2)
@@ -137,6 +138,21 @@ def test_vision_rope_rows_then_columns_and_relative():
     qr, _ = apply_vision_rope(q.expand(4, 1, -1), k.expand(4, 1, -1), c, s)
     _, kr = apply_vision_rope(q.expand(4, 1, -1), k.expand(4, 1, -1), c, s)
     assert math.isclose((qr[0] * kr[1]).sum().item(), (qr[2] * kr[3]).sum().item(), rel_tol=1e-4, abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_rope_of_q_and_k_together_equals_each_alone(dtype):
+    """The tower rotates q and k as one (N, 2, H, D) block: the same bits as one at a time."""
+    v = CFG.vision
+    c, s = vision_rope(v, torch.randint(0, 20, (7, 2)))
+    qk = torch.randn(7, 2, 3, v.head_dim).to(dtype)
+    together = rotate_vision(qk, c, s)
+    q_alone, k_alone = apply_vision_rope(qk[:, 0], qk[:, 1], c, s)
+    assert together.dtype == dtype
+    assert torch.equal(together[:, 0], q_alone) and torch.equal(together[:, 1], k_alone)
+    cos, sin = c.unsqueeze(1), s.unsqueeze(1)  # the textbook formula, (N, 1, D)
+    want = qk[:, 0].float() * cos + rotate_half(qk[:, 0].float()) * sin
+    torch.testing.assert_close(q_alone.float(), want.to(dtype).float(), atol=0, rtol=0)
 
 
 def test_patch_positions_follow_merge_windows():
