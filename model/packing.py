@@ -6,6 +6,9 @@ bandwidth. A weight packed once (``torch.ops.mkldnn._reorder_linear_weight``) is
 call by a kernel that uses the CPU's bf16 dot products; the results are bit-identical to
 ``F.linear`` (tests/test_perf_paths.py checks it).
 
+The loader packs only where ``packing_pays()``: where the streaming GEMV kernel of
+``model.kernels`` runs, plain weights are faster at every size, even on AMX CPUs.
+
 ``pack_for_cpu(model)`` rewrites a loaded model in place: decoder ``nn.Linear`` layers become
 ``PackedLinear``, every expert bank gets one packed (gate_up, down) pair per expert (its stacked
 parameters are released), and the vocabulary projection gets a packed copy (the tied embedding
