@@ -592,8 +592,8 @@ def render_markdown(report: dict) -> str:
 
 
 def _rounds_line(report: dict) -> list[str]:
-    n = len(report.get("rounds", [])) or 1
-    if n == 1:
+    n = len(report.get("rounds", []))
+    if n <= 1:
         return []
     seen = ", ".join(f"{b / 1e9:.1f}" for b in report["bandwidth_rounds"])
     return [f"- {n} rounds, the sides alternating (ernie, reference, ernie, ...); each timing is the side's "

@@ -202,7 +202,7 @@ class SafetensorsCheckpoint(Mapping):
         shards = set(self._where.values())
         for t in tensors:
             # oneDNN-packed weights are opaque copies (no storage to ask about, nothing mapped)
-            if t.device.type != "cpu" or t.numel() == 0 or t.is_mkldnn or t.layout != torch.strided:
+            if t.device.type != "cpu" or t.numel() == 0 or t.layout != torch.strided:
                 continue
             storage = t.untyped_storage()
             for shard in shards:

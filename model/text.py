@@ -55,8 +55,7 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, keep_last)
         if keep_last:
             x = x[:, -keep_last:]
-            vision_mask = None if vision_mask is None else vision_mask[:, -keep_last:]
-            vision_mask = vision_mask if vision_mask is not None and bool(vision_mask.any()) else None
+            vision_mask = None if vision_mask is None else vision_mask[:, -keep_last:]  # the MoE checks .any()
         x = x + attn
         h = self.post_attention_layernorm(x)
         router_logits = None
