@@ -11,6 +11,9 @@ named by a hash of source, flags, compiler and machine, and loaded with ctypes (
 the GIL during the call). When anything is missing or fails (no compiler, not x86-64 AVX2,
 ``ERNIE_NO_KERNELS=1``, a wrong self-check) ``gemv_available()`` is False, silently, and
 ``unavailable_reason`` says why.
+
+``csrc/bf16_ops.c`` (built and loaded the same way, checked by ``ops_available()``) holds fused
+elementwise passes; so far the vision RoPE (``rope_half``), one pass instead of six, bit-identical.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ import torch.nn.functional as F
 MAX_ROWS = 8
 SOURCE = Path(__file__).parent / "csrc" / "bf16_gemv.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+# the fused elementwise passes (vision RoPE): a library of their own,
+# built without FMA contraction so that separate fp32 products and sums stay separate, as in torch
+OPS_SOURCE = Path(__file__).parent / "csrc" / "bf16_ops.c"
+OPS_FLAGS = FLAGS + ("-ffp-contract=off",)
 
 unavailable_reason = ""  # why gemv_available() is False (for debugging); empty when it is True
 
@@ -57,24 +64,26 @@ def _compiler() -> str | None:
     return None
 
 
-def build(compiler: str, directory: Path | None = None) -> Path:
-    """Compile the C source unless a build for this source, flags, compiler and machine exists.
+def build(compiler: str, directory: Path | None = None, source_file: Path = SOURCE,
+          flags: tuple[str, ...] = FLAGS) -> Path:
+    """Compile a C source unless a build for this source, flags, compiler and machine exists.
 
     The library is written under a temporary name in the same folder and renamed into place, so
     a concurrent process never loads a half-written file. Raises RuntimeError on failure.
     """
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), platform.machine().encode()]))
+    source = source_file.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(), platform.machine().encode()]))
     directory = directory or cache_dir()
-    target = directory / f"bf16_gemv-{key.hexdigest()[:16]}.so"
+    stem = source_file.stem
+    target = directory / f"{stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bf16_gemv-", suffix=".so", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so", dir=directory)
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp],
+            [compiler, *flags, str(source_file), "-o", tmp],
             check=False,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -123,18 +132,25 @@ def _self_check(lib: ctypes.CDLL) -> str:
     return "" if ok else "self-check against F.linear failed"
 
 
+def _guarded(load, self_check) -> tuple[ctypes.CDLL | None, str]:
+    """(library, "") when the platform suits, it builds and loads, and its self-check passes;
+    else (None, why). Any failure means "use torch instead", never an error for the user."""
+    try:
+        reason = _unsupported_platform()
+        if reason:
+            return None, reason
+        lib = load()
+        reason = self_check(lib)
+    except Exception as err:  # noqa: BLE001
+        reason = f"{type(err).__name__}: {err}"
+    return (None, reason) if reason else (lib, "")
+
+
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     global unavailable_reason
-    try:
-        unavailable_reason = _unsupported_platform()
-        if unavailable_reason:
-            return None
-        lib = _load()
-        unavailable_reason = _self_check(lib)
-    except Exception as err:  # noqa: BLE001 -- any failure means "use torch instead", never an error for the user
-        unavailable_reason = f"{type(err).__name__}: {err}"
-    return None if unavailable_reason else lib
+    lib, unavailable_reason = _guarded(_load, _self_check)
+    return lib
 
 
 def gemv_available() -> bool:
@@ -187,3 +203,89 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         raise RuntimeError(f"bf16_gemv is unavailable: {unavailable_reason}")
     x = x if x.is_contiguous() else x.contiguous()
     return _call(lib, x, weight, bias, threads or torch.get_num_threads())
+
+
+# --- fused elementwise passes (csrc/bf16_ops.c) ---------------------------------------------------
+#
+# Each replaces a chain of torch ops on bf16 CPU activations with one pass that rounds where torch
+# rounds. Callers use them only for inference (no autograd) and fall back to torch whenever they
+# do not apply; the self-check holds each to that torch chain, bit for bit.
+
+ops_unavailable_reason = ""
+
+
+def _load_ops() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
+    lib = ctypes.CDLL(str(build(compiler, source_file=OPS_SOURCE, flags=OPS_FLAGS)))
+    lib.bf16_rope_half.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int]
+    lib.bf16_rope_half.restype = ctypes.c_int
+    return lib
+
+
+def _ops_self_check(lib: ctypes.CDLL) -> str:
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(7, 3, 2, 20, generator=gen).bfloat16()
+    cos, sin = torch.randn(7, 20, generator=gen), torch.randn(7, 20, generator=gen)
+    from model.rope import rotate_vision_torch  # here, not at the top: model.rope imports this module
+
+    if not torch.equal(_rope_half(lib, qkv[:, :2], cos, sin, 1), rotate_vision_torch(qkv[:, :2], cos, sin)):
+        return "self-check of rope_half failed"
+    return ""
+
+
+@lru_cache(maxsize=1)
+def _ops_library() -> ctypes.CDLL | None:
+    global ops_unavailable_reason
+    lib, ops_unavailable_reason = _guarded(_load_ops, _ops_self_check)
+    return lib
+
+
+def ops_available() -> bool:
+    """True when the fused elementwise library loaded and passed its self-check (once per process)."""
+    return _ops_library() is not None
+
+
+def _rope_half(lib, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, threads: int) -> torch.Tensor:
+    N, D = x.shape[0], x.shape[-1]
+    groups = x.numel() // (N * D) if N * D else 0
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    status = lib.bf16_rope_half(x.data_ptr(), N, groups, D, x.stride(0), x.stride(-2) if x.dim() > 2 else D,
+                                cos.data_ptr(), sin.data_ptr(), out.data_ptr(), threads)
+    if status != 0:
+        raise RuntimeError(f"bf16_rope_half returned {status}")
+    return out
+
+
+def rope_half_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether ``rope_half`` takes these: bf16 CPU x (N, ..., D) with unit stride on an even D
+    whose middle dims flatten to evenly spaced groups (q and k of a fused qkv output, (N, 2, H, D),
+    qualify without a copy), fp32 contiguous cos/sin (N, D), nothing autograd tracks, and the
+    library loaded."""
+    return (x.dtype == torch.bfloat16 and x.is_cpu and x.dim() >= 2 and x.stride(-1) == 1
+            and x.shape[-1] % 2 == 0 and not (torch.is_grad_enabled() and x.requires_grad)
+            and cos.dtype == torch.float32 and sin.dtype == torch.float32 and cos.is_cpu and sin.is_cpu
+            and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (x.shape[0], x.shape[-1])
+            and sin.shape == cos.shape and _even_groups(x) and _ops_library() is not None)
+
+
+def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``model.rope.rotate_vision_torch(x, cos, sin)`` in one pass, bit-identical: a new contiguous
+    bf16 tensor shaped like x. Raises ValueError unless ``rope_half_applies``."""
+    if not rope_half_applies(x, cos, sin):
+        raise ValueError(f"rope_half does not take x {tuple(x.shape)} {x.dtype} {x.device} with cos "
+                         f"{tuple(cos.shape)} {cos.dtype} (or the library is unavailable: {ops_unavailable_reason})")
+    return _rope_half(_ops_library(), x, cos, sin, torch.get_num_threads())
+
+
+def _even_groups(x: torch.Tensor) -> bool:
+    """The dims between N and D flatten to one dim of non-overlapping groups, evenly strided."""
+    if x.dim() == 2:
+        return True
+    expected = x.stride(-2)
+    for size, stride in zip(reversed(x.shape[1:-1]), reversed(x.stride()[1:-1])):
+        if size != 1 and stride != expected:
+            return False
+        expected = stride * size
+    return x.stride(-2) >= x.shape[-1]

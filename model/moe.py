@@ -172,20 +172,24 @@ class Experts(nn.Module):
     def _segmented(self, x: torch.Tensor, flat: torch.Tensor, K: int) -> torch.Tensor:
         """Many slots (prefill): sort slots by expert, one matmul per contiguous segment.
 
-        Each expert's output is written straight to its slots (no concatenation of the segments:
-        at a 1024-token prefill those copies were ~70 MB per layer).
+        The segments' outputs land in sorted order by plain slice copies, and one row gather puts
+        them back in slot order: indexed writes (``y[idx] = ...``) and ``x[idx]`` ran at about a
+        third of the speed of ``index_select`` and contiguous copies (1024-token prefill: ~25 ms
+        per layer against ~10).
         """
         order = torch.argsort(flat, stable=True)  # (S,)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync
-        rows = x[order // K]  # (S, H): sorted slot s holds token order[s] // K
-        y = x.new_empty(flat.shape[0], x.shape[-1])  # (S, H)
+        rows = x.index_select(0, order // K)  # (S, H): sorted slot s holds token order[s] // K
+        ys = torch.empty_like(rows)  # (S, H), sorted order
         start = 0
         for e, n in enumerate(counts):
             if n:
-                seg = slice(start, start + n)
-                y[order[seg]] = self._swiglu(rows[seg], e)
+                ys[start:start + n] = self._swiglu(rows[start:start + n], e)
                 start += n
-        return y
+        del rows
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)  # slot -> its sorted place
+        return ys.index_select(0, inverse)
 
 
 class ModalityMoE(nn.Module):

@@ -1,4 +1,5 @@
-"""Tier 1: the compiled bf16 GEMV of model/kernels.py against fp32 F.linear.
+"""Tier 1: the compiled bf16 GEMV of model/kernels.py against fp32 F.linear (the fused elementwise
+passes: tests/test_kernel_ops.py).
 
 The kernel sums in fp32 and rounds once to bf16, so it may differ from the fp32 product by half
 a bf16 ulp (2^-9 relative) plus what a different fp32 summation order gives. Skipped where the
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from model import kernels
+from model.rope import rotate_vision, rotate_vision_torch
 
 needs_kernel = pytest.mark.skipif(not kernels.gemv_available(), reason=f"no bf16 GEMV: {kernels.unavailable_reason}")
 
@@ -106,9 +108,15 @@ def test_opt_out_compiles_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("ERNIE_CACHE", str(tmp_path))
     monkeypatch.setenv("ERNIE_NO_KERNELS", "1")
     kernels._library.cache_clear()
+    kernels._ops_library.cache_clear()
     try:
-        assert not kernels.gemv_available()
+        assert not kernels.gemv_available() and not kernels.ops_available()
         assert "ERNIE_NO_KERNELS" in kernels.unavailable_reason
+        assert "ERNIE_NO_KERNELS" in kernels.ops_unavailable_reason
+        x, angles = torch.randn(6, 2, 3, 8).bfloat16(), torch.randn(6, 8)
+        assert not kernels.rope_half_applies(x, angles.cos(), angles.sin())
+        assert torch.equal(rotate_vision(x, angles.cos(), angles.sin()), rotate_vision_torch(x, angles.cos(), angles.sin()))
         assert not (tmp_path / "kernels").exists()
     finally:
         kernels._library.cache_clear()  # the next caller decides again, without the opt-out
+        kernels._ops_library.cache_clear()

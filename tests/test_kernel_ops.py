@@ -1,0 +1,99 @@
+"""Tier 1: the fused elementwise passes of model/kernels.py (csrc/bf16_ops.c) against torch.
+
+``rope_half`` must equal ``model.rope.rotate_vision_torch`` bit for bit: it does the same separate
+fp32 products and sum. Skipped where the library cannot be built; the fallback tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import kernels
+from model.rope import rotate_vision, rotate_vision_torch
+
+needs_ops = pytest.mark.skipif(not kernels.ops_available(), reason=f"no fused ops: {kernels.ops_unavailable_reason}")
+
+
+def _tables(N: int, D: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    angles = torch.randn(N, D, generator=gen) * 3
+    return angles.cos(), angles.sin()
+
+
+@needs_ops
+@pytest.mark.parametrize("N,H,D", [(1, 1, 2), (5, 3, 20), (64, 2, 34), (1024, 16, 80), (300, 4, 128)])
+def test_qk_of_fused_qkv_bit_identical(N, H, D):
+    """q and k as the vision attention hands them over: a strided view of the qkv output."""
+    gen = torch.Generator().manual_seed(N + H + D)
+    qkv = (torch.randn(N, 3, H, D, generator=gen) * 4).bfloat16()
+    cos, sin = _tables(N, D, seed=D)
+    x = qkv[:, :2]
+    assert kernels.rope_half_applies(x, cos, sin)
+    out = kernels.rope_half(x, cos, sin)
+    assert out.shape == x.shape and out.is_contiguous() and out.dtype == torch.bfloat16
+    assert torch.equal(out, rotate_vision_torch(x, cos, sin))
+
+
+@needs_ops
+@pytest.mark.parametrize("shape", [(7, 24), (7, 1, 24), (9, 3, 24), (9, 2, 3, 24)])
+def test_contiguous_layouts_bit_identical(shape):
+    x = torch.randn(*shape).bfloat16()
+    cos, sin = _tables(shape[0], shape[-1], seed=1)
+    assert torch.equal(kernels.rope_half(x, cos, sin), rotate_vision_torch(x, cos, sin))
+
+
+@needs_ops
+def test_threads_agree_and_specials_pass_through():
+    x = torch.randn(2048, 2, 16, 80).bfloat16()
+    x[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    cos, sin = _tables(2048, 80, seed=2)
+    torch.set_num_threads(1)
+    try:
+        one = kernels.rope_half(x, cos, sin)
+    finally:
+        torch.set_num_threads(2)
+    two = kernels.rope_half(x, cos, sin)
+    assert torch.equal(one.isnan(), two.isnan()) and torch.equal(one.nan_to_num(), two.nan_to_num())
+    ref = rotate_vision_torch(x, cos, sin)
+    assert torch.equal(two.isnan(), ref.isnan()) and torch.equal(two.nan_to_num(), ref.nan_to_num())
+
+
+@pytest.mark.parametrize("case", ["fp32", "odd_d", "overlapping", "grad", "fp16_tables", "wrong_table_shape"])
+def test_inputs_it_does_not_take_go_through_torch(case):
+    x, (cos, sin) = torch.randn(6, 2, 3, 8).bfloat16(), _tables(6, 8, seed=3)
+    if case == "fp32":
+        x = x.float()
+    elif case == "odd_d":
+        x, (cos, sin) = torch.randn(6, 3, 7).bfloat16(), _tables(6, 7, seed=3)
+    elif case == "overlapping":
+        x = torch.randn(6, 12).bfloat16().as_strided((6, 3, 8), (12, 2, 1))  # groups 2 elements apart
+    elif case == "grad":
+        x = x.float().requires_grad_().bfloat16()
+    elif case == "fp16_tables":
+        cos, sin = cos.half(), sin.half()
+    elif case == "wrong_table_shape":
+        cos, sin = cos[:, :4], sin[:, :4]
+    assert not kernels.rope_half_applies(x, cos, sin)
+    with pytest.raises(ValueError):
+        kernels.rope_half(x, cos, sin)
+    if case not in ("odd_d", "wrong_table_shape"):  # the torch path itself needs an even D and (N, D) tables
+        out = rotate_vision(x, cos, sin)
+        assert torch.equal(out.detach(), rotate_vision_torch(x, cos, sin).detach())
+
+
+def test_rotate_vision_autograd_stays_on_torch():
+    x = torch.randn(4, 2, 2, 8, requires_grad=True)
+    cos, sin = _tables(4, 8, seed=4)
+    rotate_vision(x.bfloat16(), cos, sin).float().sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@needs_ops
+def test_ops_cache_builds_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("ERNIE_CACHE", str(tmp_path))
+    compiler = kernels._compiler()
+    first = kernels.build(compiler, source_file=kernels.OPS_SOURCE, flags=kernels.OPS_FLAGS)
+    assert first.name.startswith("bf16_ops-") and first.exists()
+    assert kernels.build(compiler, source_file=kernels.OPS_SOURCE, flags=kernels.OPS_FLAGS) == first
+    assert [p.name for p in first.parent.iterdir()] == [first.name]
