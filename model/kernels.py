@@ -3,7 +3,9 @@
 torch's bf16 ``F.linear`` with one row of x reads the weight at about a third of memory speed on
 such CPUs, and decode at batch 1 is almost nothing but these products. ``csrc/bf16_gemv.c``
 reads each weight row once for up to ``MAX_ROWS`` rows of x, widens bf16 to fp32 in registers,
-accumulates in fp32 and rounds the result to bf16 once.
+accumulates in fp32 and rounds the result to bf16 once. On CPUs with AVX512-BF16,
+``csrc/bf16_gemv_dp.c`` (the same interface) multiplies bf16 pairs natively, takes up to 16 rows
+and stays at memory speed up to about 4; ``max_rows()`` says which build is in use.
 
 The C file is compiled on first use with the system C compiler into the cache
 (``$ERNIE_CACHE``, else ``$XDG_CACHE_HOME/ernie``, else ``~/.cache/ernie``, under ``kernels/``),
@@ -31,9 +33,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 8
+MAX_ROWS = 8  # rows of x the AVX2 build takes; see max_rows() for the build in use
 SOURCE = Path(__file__).parent / "csrc" / "bf16_gemv.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+# CPUs with AVX512-BF16 get csrc/bf16_gemv_dp.c instead (same C interface, up to 16 rows of x,
+# through vdpbf16ps); when it cannot be built or fails its check, the AVX2 build.
+DP_MAX_ROWS = 16
+DP_SOURCE = Path(__file__).parent / "csrc" / "bf16_gemv_dp.c"
+DP_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
 # the fused elementwise passes (vision RoPE): a library of their own,
 # built without FMA contraction so that separate fp32 products and sums stay separate, as in torch
 OPS_SOURCE = Path(__file__).parent / "csrc" / "bf16_ops.c"
@@ -66,12 +73,13 @@ def _compiler() -> str | None:
 
 def build(compiler: str, directory: Path | None = None, source_file: Path = SOURCE,
           flags: tuple[str, ...] = FLAGS) -> Path:
-    """Compile a C source unless a build for this source, flags, compiler and machine exists.
+    """Compile a C source unless a build for this source (and the headers beside it), flags, compiler
+    and machine exists.
 
     The library is written under a temporary name in the same folder and renamed into place, so
     a concurrent process never loads a half-written file. Raises RuntimeError on failure.
     """
-    source = source_file.read_bytes()
+    source = source_file.read_bytes() + b"".join(h.read_bytes() for h in sorted(source_file.parent.glob("*.h")))
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(), platform.machine().encode()]))
     directory = directory or cache_dir()
     stem = source_file.stem
@@ -99,15 +107,34 @@ def build(compiler: str, directory: Path | None = None, source_file: Path = SOUR
     return target
 
 
-def _load() -> ctypes.CDLL:
+def has_avx512_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check is not None and check())
+
+
+def load_build(dp: bool) -> ctypes.CDLL:
+    """Build (or find in the cache) and load one of the two GEMV builds; raises on failure."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
-    lib = ctypes.CDLL(str(build(compiler)))
+    source, flags = (DP_SOURCE, DP_FLAGS) if dp else (SOURCE, FLAGS)
+    lib = ctypes.CDLL(str(build(compiler, source_file=source, flags=flags)))
     for name in ("bf16_gemv", "bf16_gemv_f32"):
         getattr(lib, name).argtypes = _ARGTYPES
         getattr(lib, name).restype = ctypes.c_int
+    lib.max_rows = DP_MAX_ROWS if dp else MAX_ROWS
     return lib
+
+
+def _load() -> ctypes.CDLL:
+    if has_avx512_bf16():
+        try:
+            lib = load_build(dp=True)
+            if not _self_check(lib):
+                return lib
+        except (OSError, RuntimeError):
+            pass  # an older compiler without -mavx512bf16: the AVX2 build below
+    return load_build(dp=False)
 
 
 def _unsupported_platform() -> str:
@@ -158,6 +185,18 @@ def gemv_available() -> bool:
     return _library() is not None
 
 
+def dp_in_use() -> bool:
+    """True when the loaded GEMV is the AVX512-BF16 build."""
+    lib = _library()
+    return lib is not None and lib.max_rows == DP_MAX_ROWS
+
+
+def max_rows() -> int:
+    """Rows of x the loaded build takes (16 for the AVX512-BF16 build, else 8)."""
+    lib = _library()
+    return lib.max_rows if lib is not None else MAX_ROWS
+
+
 def _call(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threads: int):
     """The C call on checked tensors, x (..., K) contiguous: about 5 of the ~7 us per call."""
     K, N = x.shape[-1], weight.shape[0]
@@ -183,14 +222,14 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     (N, K), (row_stride, col_stride) = weight.shape, weight.stride()
     if x.shape[-1] != K or col_stride != 1 or (row_stride < K and N > 1):
         raise ValueError(f"bf16_gemv: weight {tuple(weight.shape)} must be (N, {x.shape[-1]}) with unit column stride")
-    if not 1 <= x.numel() // max(K, 1) <= MAX_ROWS:
-        raise ValueError(f"bf16_gemv: x {tuple(x.shape)} must have 1 to {MAX_ROWS} rows")
+    if not 1 <= x.numel() // max(K, 1) <= max_rows():
+        raise ValueError(f"bf16_gemv: x {tuple(x.shape)} must have 1 to {max_rows()} rows")
     if bias is not None and (bias.dtype != bf16 or not bias.is_cpu or bias.shape != (N,) or bias.stride(0) != 1):
         raise ValueError(f"bf16_gemv: bias must be a contiguous bf16 CPU tensor of shape ({N},)")
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None):
-    """``F.linear(x, weight, bias)`` for bf16 CPU tensors with at most ``MAX_ROWS`` rows of x.
+    """``F.linear(x, weight, bias)`` for bf16 CPU tensors with at most ``max_rows()`` rows of x.
 
     x (..., K); weight (N, K) with unit column stride and any row stride (a view such as
     ``stacked[e]`` works without a copy); bias (N,) or None. Returns a new (..., N) bf16 tensor:

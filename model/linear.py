@@ -12,8 +12,9 @@ torch's bf16 matmul emulates bf16 and runs several times slower than fp32 (measu
   it is available, else to torch.
 
 On a CPU with native bf16 (AVX512-BF16, AMX) torch's bf16 GEMM is the fast one for many rows, but
-its one-row product reads the weight at about half the speed of the GEMV kernel, so products of
-one or two rows (decode at batch 1) still go to the kernel.
+its products of a few rows read the weight at about half the speed of the GEMV kernel, so they
+still go to the kernel: up to 16 rows with its AVX512-BF16 build (decode, and the experts a few
+text tokens of an image prompt choose), else one or two.
 
 Everything else (fp32 or fp16 weights, CUDA) calls ``F.linear``.
 """
@@ -34,6 +35,10 @@ UPCAST_MIN_ROWS = 16
 # On a CPU with native bf16, products of up to this many rows still go to the GEMV kernel: at batch
 # 1 it streams a weight at 24-30 GB/s where torch's bf16 GEMV reaches 14 (2-core AMX Xeon).
 NATIVE_GEMV_MAX_ROWS = 2
+# With the AVX512-BF16 build, up to this many rows: it streams [M, 2560] x [2560, 3072] at 20-22
+# GB/s for 1-4 rows against torch's 14-16, but vdpbf16ps retires about one per 2 cycles here, so
+# from 8 rows on it is compute-bound and slower than torch (2-core AMX Xeon).
+DP_GEMV_MAX_ROWS = 4
 
 
 @lru_cache(maxsize=1)
@@ -49,8 +54,11 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 def gemv_max_rows() -> int:
     """Up to how many rows a CPU bf16 product goes to the GEMV kernel: all it takes without native
-    bf16; with it, 2 (at 3 rows and more torch's own bf16 kernels are as fast)."""
-    return NATIVE_GEMV_MAX_ROWS if native_bf16_cpu() else kernels.MAX_ROWS
+    bf16; with it, DP_GEMV_MAX_ROWS through the AVX512-BF16 build, else 2 (the AVX2 build is
+    compute-bound from 3 rows on, where torch's own bf16 kernels are as fast)."""
+    if not native_bf16_cpu():
+        return kernels.max_rows()
+    return DP_GEMV_MAX_ROWS if kernels.dp_in_use() else NATIVE_GEMV_MAX_ROWS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -80,7 +80,7 @@ def test_thread_counts_agree(M):
     [
         (torch.randn(1, 16), torch.randn(4, 16).bfloat16(), None),  # fp32 x
         (torch.randn(1, 16).bfloat16(), torch.randn(4, 16), None),  # fp32 weight
-        (torch.randn(9, 16).bfloat16(), torch.randn(4, 16).bfloat16(), None),  # more than MAX_ROWS rows
+        (torch.randn(17, 16).bfloat16(), torch.randn(4, 16).bfloat16(), None),  # more rows than either build takes
         (torch.randn(1, 16).bfloat16(), torch.randn(4, 15).bfloat16(), None),  # K mismatch
         (torch.randn(1, 16).bfloat16(), torch.randn(16, 4).bfloat16().t(), None),  # column stride 4
         (torch.randn(1, 16).bfloat16(), torch.randn(4, 16).bfloat16(), torch.randn(5).bfloat16()),  # bias length
@@ -91,6 +91,47 @@ def test_thread_counts_agree(M):
 def test_misuse_raises_value_error(x, w, b):
     with pytest.raises(ValueError):
         kernels.bf16_gemv(x, w, b)
+
+
+@needs_kernel
+def test_one_row_past_the_build_limit_raises():
+    rows = kernels.max_rows() + 1
+    with pytest.raises(ValueError):
+        kernels.bf16_gemv(torch.randn(rows, 16).bfloat16(), torch.randn(4, 16).bfloat16())
+
+
+def _builds() -> list[tuple[str, object]]:
+    """Every GEMV build that loads here: the AVX2 one, and the AVX512-BF16 one on CPUs that have it."""
+    out = []
+    for dp in (False, True):
+        if dp and not kernels.has_avx512_bf16():
+            continue
+        try:
+            out.append(("dp" if dp else "avx2", kernels.load_build(dp)))
+        except (OSError, RuntimeError):
+            pass
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 13, 16])
+@pytest.mark.parametrize("K", [31, 32, 33, 2560])
+def test_each_build_matches_fp32_up_to_its_rows(M, K):
+    """Both builds, called directly (the one in use is only one of them), with and without bias,
+    at every row count each takes; K around the 32-wide step of the AVX512-BF16 build."""
+    gen = torch.Generator().manual_seed(M * 100 + K)
+    x, w = torch.randn(M, K, generator=gen).bfloat16(), torch.randn(77, K, generator=gen).bfloat16()
+    b = torch.randn(77, generator=gen).bfloat16()
+    ran = 0
+    for name, lib in _builds():
+        if M > lib.max_rows:
+            continue
+        for bias in (None, b):
+            for threads in (1, 2):
+                _assert_matches_fp32(kernels._call(lib, x, w, bias, threads), x, w, bias)
+        ran += 1
+    if not ran:
+        pytest.skip(f"no build here takes {M} rows")
 
 
 @needs_kernel

@@ -65,13 +65,18 @@ def test_native_or_other_dtypes_call_torch(monkeypatch):
     assert calls == [torch.bfloat16, torch.float32]
 
 
-@pytest.mark.parametrize("native,rows,to_kernel", [(True, 1, True), (True, 2, True), (True, 3, False),
-                                                   (False, 8, True), (False, 9, False)])
-def test_decode_rows_go_to_the_kernel_with_or_without_native_bf16(monkeypatch, native, rows, to_kernel):
-    """torch's one-row bf16 product reads weights at half the kernel's speed even on AMX CPUs."""
+@pytest.mark.parametrize("native,dp,rows,to_kernel", [(True, False, 1, True), (True, False, 2, True),
+                                                      (True, False, 3, False), (True, True, 4, True),
+                                                      (True, True, 5, False), (False, False, 8, True),
+                                                      (False, False, 9, False)])
+def test_few_rows_go_to_the_kernel_with_or_without_native_bf16(monkeypatch, native, dp, rows, to_kernel):
+    """torch's bf16 products of a few rows read weights at half the kernel's speed even on AMX CPUs;
+    the AVX2 build is compute-bound from 3 rows on, the AVX512-BF16 one is worth it up to 4."""
     calls = []
     monkeypatch.setattr(lin, "native_bf16_cpu", lambda: native)
     monkeypatch.setattr(kernels, "gemv_available", lambda: True)
+    monkeypatch.setattr(kernels, "dp_in_use", lambda: dp)
+    monkeypatch.setattr(kernels, "max_rows", lambda: kernels.DP_MAX_ROWS if dp else kernels.MAX_ROWS)
     monkeypatch.setattr(kernels, "bf16_gemv", lambda x, w, b=None: calls.append(x.shape) or F.linear(x, w, b))
     x, w = torch.randn(rows, 32).bfloat16(), torch.randn(8, 32).bfloat16()
     out = lin.linear(x, w)

@@ -19,25 +19,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16_common.h"
+
 #define MAX_ROWS 8
 #define ROW_BLOCK 16 /* rows of W per OpenMP work item (a multiple of every R below) */
 #define MIN_PARALLEL (1 << 18) /* weights below this many elements (512 KiB) use one thread */
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* Round to nearest even, NaN stays a quiet NaN: torch's float -> bfloat16 conversion. */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -60,13 +46,6 @@ static void convert_x(const uint16_t *x, int64_t M, int64_t K, float *xf) {
         }
         for (int64_t k = K16; k < K; k++) out[k] = bf16_to_f32(xr[k]);
     }
-}
-
-static inline void store(void *y, int y_f32, int64_t idx, float v) {
-    if (y_f32)
-        ((float *)y)[idx] = v;
-    else
-        ((uint16_t *)y)[idx] = f32_to_bf16(v);
 }
 
 /* R consecutive rows of W starting at n, against all M rows of x. S = 2 keeps separate
