@@ -16,6 +16,8 @@ the GIL during the call). When anything is missing or fails (no compiler, not x8
 
 ``csrc/bf16_ops.c`` (built and loaded the same way, checked by ``ops_available()``) holds fused
 elementwise passes; so far the vision RoPE (``rope_half``), one pass instead of six, bit-identical.
+``csrc/bf16_amx.c`` (``amx_linear``, ``amx_available()``) multiplies tens of rows of x by a weight
+on AMX tiles, reading the weight in place as the tiles' left operand.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 DP_MAX_ROWS = 16
 DP_SOURCE = Path(__file__).parent / "csrc" / "bf16_gemv_dp.c"
 DP_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
+# products of tens of rows on AMX tiles (csrc/bf16_amx.c), on CPUs with AMX-BF16
+AMX_SOURCE = Path(__file__).parent / "csrc" / "bf16_amx.c"
+AMX_FLAGS = ("-O3", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
+             "-fopenmp", "-shared", "-fPIC")
 # the fused elementwise passes (vision RoPE): a library of their own,
 # built without FMA contraction so that separate fp32 products and sums stay separate, as in torch
 OPS_SOURCE = Path(__file__).parent / "csrc" / "bf16_ops.c"
@@ -211,21 +217,23 @@ def _call(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return out
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, most_rows: int | None = None,
+           name: str = "bf16_gemv") -> None:
     """Raise ValueError unless x (..., K), weight (N, K) and bias (N,) suit the kernel. Kept cheap:
     it runs on every decode product."""
     bf16 = torch.bfloat16
     if x.dtype != bf16 or weight.dtype != bf16 or not (x.is_cpu and weight.is_cpu):
-        raise ValueError("bf16_gemv needs bf16 CPU tensors for x and weight")
+        raise ValueError(f"{name} needs bf16 CPU tensors for x and weight")
     if weight.dim() != 2 or x.dim() == 0:
-        raise ValueError(f"bf16_gemv: x {tuple(x.shape)} must be (..., K) and weight {tuple(weight.shape)} (N, K)")
+        raise ValueError(f"{name}: x {tuple(x.shape)} must be (..., K) and weight {tuple(weight.shape)} (N, K)")
     (N, K), (row_stride, col_stride) = weight.shape, weight.stride()
     if x.shape[-1] != K or col_stride != 1 or (row_stride < K and N > 1):
-        raise ValueError(f"bf16_gemv: weight {tuple(weight.shape)} must be (N, {x.shape[-1]}) with unit column stride")
-    if not 1 <= x.numel() // max(K, 1) <= max_rows():
-        raise ValueError(f"bf16_gemv: x {tuple(x.shape)} must have 1 to {max_rows()} rows")
+        raise ValueError(f"{name}: weight {tuple(weight.shape)} must be (N, {x.shape[-1]}) with unit column stride")
+    most_rows = max_rows() if most_rows is None else most_rows
+    if not 1 <= x.numel() // max(K, 1) <= most_rows:
+        raise ValueError(f"{name}: x {tuple(x.shape)} must have 1 to {most_rows} rows")
     if bias is not None and (bias.dtype != bf16 or not bias.is_cpu or bias.shape != (N,) or bias.stride(0) != 1):
-        raise ValueError(f"bf16_gemv: bias must be a contiguous bf16 CPU tensor of shape ({N},)")
+        raise ValueError(f"{name}: bias must be a contiguous bf16 CPU tensor of shape ({N},)")
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None):
@@ -264,11 +272,11 @@ def _load_ops() -> ctypes.CDLL:
 
 
 def _ops_self_check(lib: ctypes.CDLL) -> str:
+    from model.rope import rotate_vision_torch  # here, not at the top: model.rope imports this module
+
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(7, 3, 2, 20, generator=gen).bfloat16()
     cos, sin = torch.randn(7, 20, generator=gen), torch.randn(7, 20, generator=gen)
-    from model.rope import rotate_vision_torch  # here, not at the top: model.rope imports this module
-
     if not torch.equal(_rope_half(lib, qkv[:, :2], cos, sin, 1), rotate_vision_torch(qkv[:, :2], cos, sin)):
         return "self-check of rope_half failed"
     return ""
@@ -328,3 +336,75 @@ def _even_groups(x: torch.Tensor) -> bool:
             return False
         expected = stride * size
     return x.stride(-2) >= x.shape[-1]
+
+
+# --- AMX tiles (csrc/bf16_amx.c) --------------------------------------------------------------------
+
+amx_unavailable_reason = ""
+AMX_MAX_ROWS = 1 << 20  # what the C code takes; which products are worth it is model/linear.py's call
+
+
+def has_amx() -> bool:
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check is not None and check()) and has_avx512_bf16()
+
+
+def _load_amx() -> ctypes.CDLL:
+    if not has_amx():
+        raise RuntimeError("no AMX-BF16 on this CPU")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
+    lib = ctypes.CDLL(str(build(compiler, source_file=AMX_SOURCE, flags=AMX_FLAGS)))
+    lib.bf16_amx_linear.argtypes = _ARGTYPES
+    lib.bf16_amx_linear.restype = ctypes.c_int
+    lib.bf16_amx_init.restype = ctypes.c_int
+    if lib.bf16_amx_init() != 0:
+        raise RuntimeError("the kernel refused the AMX tile state (arch_prctl)")
+    return lib
+
+
+def _amx_self_check(lib: ctypes.CDLL) -> str:
+    gen = torch.Generator().manual_seed(0)
+    for M, K, N in ((5, 45, 37), (100, 64, 33)):  # tails of K, N and a second pass of rows
+        x, w = torch.randn(M, K, generator=gen).bfloat16(), torch.randn(N, K, generator=gen).bfloat16()
+        b = torch.randn(N, generator=gen).bfloat16()
+        ref = F.linear(x.float(), w.float(), b.float())
+        out = _amx_call(lib, x, w, b, 1)
+        if not torch.allclose(out.float(), ref, rtol=2**-7, atol=1e-3 * float(ref.abs().max())):
+            return "self-check of the AMX product against F.linear failed"
+    return ""
+
+
+@lru_cache(maxsize=1)
+def _amx_library() -> ctypes.CDLL | None:
+    global amx_unavailable_reason
+    lib, amx_unavailable_reason = _guarded(_load_amx, _amx_self_check)
+    return lib
+
+
+def amx_available() -> bool:
+    """True when the AMX product loaded and passed its self-check (decided once per process)."""
+    return _amx_library() is not None
+
+
+def _amx_call(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threads: int):
+    K, N = x.shape[-1], weight.shape[0]
+    out = torch.empty((*x.shape[:-1], N), dtype=torch.bfloat16)
+    status = lib.bf16_amx_linear(x.data_ptr(), x.numel() // K, K, weight.data_ptr(), N, weight.stride(0),
+                                 None if bias is None else bias.data_ptr(), out.data_ptr(), threads)
+    if status != 0:
+        raise RuntimeError(f"bf16_amx_linear returned {status}")
+    return out
+
+
+def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None):
+    """``F.linear(x, weight, bias)`` for bf16 CPU tensors on AMX tiles: x (..., K), weight (N, K) with
+    unit column stride (an expert's view of a stacked bank works), bias (N,) or None. fp32 sums
+    rounded once to bf16. Raises ValueError on misuse, RuntimeError when unavailable."""
+    _check(x, weight, bias, most_rows=AMX_MAX_ROWS, name="amx_linear")
+    lib = _amx_library()
+    if lib is None:
+        raise RuntimeError(f"the AMX product is unavailable: {amx_unavailable_reason}")
+    x = x if x.is_contiguous() else x.contiguous()
+    return _amx_call(lib, x, weight, bias, threads or torch.get_num_threads())

@@ -161,3 +161,53 @@ def test_opt_out_compiles_nothing(tmp_path, monkeypatch):
     finally:
         kernels._library.cache_clear()  # the next caller decides again, without the opt-out
         kernels._ops_library.cache_clear()
+
+
+needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason=f"no AMX product: {kernels.amx_unavailable_reason}")
+
+
+@needs_amx
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 96, 97, 130])
+@pytest.mark.parametrize("K,N", [(32, 16), (45, 37), (2560, 1024), (1536, 33)])
+def test_amx_matches_fp32_linear(M, K, N):
+    """Tails of rows (groups of 16, passes of 96), of K (steps of 32) and of N (blocks of 16)."""
+    gen = torch.Generator().manual_seed(M * 7 + K + N)
+    x, w = torch.randn(M, K, generator=gen).bfloat16(), torch.randn(N, K, generator=gen).bfloat16()
+    b = torch.randn(N, generator=gen).bfloat16()
+    _assert_matches_fp32(kernels.amx_linear(x, w), x, w)
+    _assert_matches_fp32(kernels.amx_linear(x, w, b), x, w, b)
+
+
+@needs_amx
+def test_amx_expert_views_leading_dims_and_threads():
+    gen = torch.Generator().manual_seed(1)
+    stacked = torch.randn(3, 50, 70, generator=gen).bfloat16()  # (E, N, K): rows K apart
+    x = torch.randn(2, 20, 70, generator=gen).bfloat16()
+    for e in range(3):
+        out = kernels.amx_linear(x, stacked[e])
+        assert out.shape == (2, 20, 50)
+        _assert_matches_fp32(out, x, stacked[e])
+    padded = torch.randn(50, 96, generator=gen).bfloat16()[:, :70]  # row stride 96, not K
+    _assert_matches_fp32(kernels.amx_linear(x, padded), x, padded)
+    xt = torch.randn(70, 20, generator=gen).bfloat16().t()  # column-major x is copied first
+    assert torch.equal(kernels.amx_linear(xt, padded), kernels.amx_linear(xt.contiguous(), padded))
+    big_x, big_w = torch.randn(40, 256, generator=gen).bfloat16(), torch.randn(300, 256, generator=gen).bfloat16()
+    assert torch.equal(kernels.amx_linear(big_x, big_w, threads=1), kernels.amx_linear(big_x, big_w, threads=2))
+
+
+@needs_amx
+def test_amx_nan_in_a_weight_tail_stays_out_of_other_rows():
+    """The zero-padded tail copies keep what lies past a row of W (here a NaN) out of the sums."""
+    storage = torch.randn(20, 40).bfloat16()
+    storage[:, 33:] = float("nan")
+    w = storage[:, :33]
+    x = torch.randn(4, 33).bfloat16()
+    out = kernels.amx_linear(x, w)
+    assert not out.isnan().any()
+    _assert_matches_fp32(out, x, w)
+
+
+@needs_amx
+def test_amx_misuse_raises_value_error():
+    with pytest.raises(ValueError, match="amx_linear"):
+        kernels.amx_linear(torch.randn(3, 16).bfloat16(), torch.randn(4, 15).bfloat16())

@@ -58,6 +58,7 @@ def test_native_or_other_dtypes_call_torch(monkeypatch):
     real = F.linear
     monkeypatch.setattr(lin.F, "linear", lambda *a: calls.append(a[0].dtype) or real(*a))
     monkeypatch.setattr(lin, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(kernels, "amx_available", lambda: False)  # its route: the test below
     x, w = torch.randn(32, 8).bfloat16(), torch.randn(4, 8).bfloat16()
     assert torch.equal(lin.linear(x, w), real(x, w))
     monkeypatch.setattr(lin, "native_bf16_cpu", lambda: False)
@@ -81,6 +82,25 @@ def test_few_rows_go_to_the_kernel_with_or_without_native_bf16(monkeypatch, nati
     x, w = torch.randn(rows, 32).bfloat16(), torch.randn(8, 32).bfloat16()
     out = lin.linear(x, w)
     assert out.shape == (rows, 8) and bool(calls) == to_kernel
+
+
+@pytest.mark.parametrize("native,amx,rows,route", [(True, True, 5, "amx"), (True, True, 128, "amx"),
+                                                    (True, True, 129, "torch"), (True, False, 64, "torch"),
+                                                    (True, True, 2, "gemv"), (False, True, 64, "fp32")])
+def test_tens_of_rows_go_to_the_amx_product_on_amx_cpus(monkeypatch, native, amx, rows, route):
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(lin, "native_bf16_cpu", lambda: native)
+    monkeypatch.setattr(kernels, "gemv_available", lambda: True)
+    monkeypatch.setattr(kernels, "dp_in_use", lambda: True)
+    monkeypatch.setattr(kernels, "amx_available", lambda: amx)
+    monkeypatch.setattr(kernels, "bf16_gemv", lambda x, w, b=None: calls.append("gemv") or real(x, w, b))
+    monkeypatch.setattr(kernels, "amx_linear", lambda x, w, b=None: calls.append("amx") or real(x, w, b))
+    monkeypatch.setattr(lin.F, "linear", lambda x, w, b=None: calls.append("fp32" if x.dtype == torch.float32
+                                                                            else "torch") or real(x, w, b))
+    x, w = torch.randn(rows, 32).bfloat16(), torch.randn(8, 32).bfloat16()
+    assert lin.linear(x, w).shape == (rows, 8)
+    assert calls == [route]
 
 
 def test_training_keeps_autograd(slow_cpu):
