@@ -43,8 +43,9 @@ DP_GEMV_MAX_ROWS = 4
 # model/kernels.py (csrc/bf16_amx.c): the expert segments of a prefill and the few-row products
 # of an image prompt's text tokens. Measured for (M, 2560) x (2560, 3072), 2-core AMX Xeon: ~0.7
 # against torch's ~1.0 ms up to 16 rows (memory speed), 0.9 vs 1.4 at 32, 1.4 vs 2.0-2.4 at 64,
-# 2.2-2.4 vs 2.6-2.9 at 96, 3.1 vs 4.1 at 128; from ~250 rows oneDNN's blocking wins.
-AMX_MAX_ROWS = 128
+# 2.2-2.4 vs 2.6-2.9 at 96, 3.1 vs 4.1 at 128, 4.5 vs 6.2 at 192; at 287 and 1024 rows oneDNN is
+# as fast or faster (its blocking), so bigger products stay with torch.
+AMX_MAX_ROWS = 192
 
 
 @lru_cache(maxsize=1)

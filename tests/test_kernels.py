@@ -167,7 +167,7 @@ needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason=f"no AMX prod
 
 
 @needs_amx
-@pytest.mark.parametrize("M", [1, 3, 16, 17, 96, 97, 130])
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 96, 97, 130, 300])
 @pytest.mark.parametrize("K,N", [(32, 16), (45, 37), (2560, 1024), (1536, 33)])
 def test_amx_matches_fp32_linear(M, K, N):
     """Tails of rows (groups of 16, passes of 96), of K (steps of 32) and of N (blocks of 16)."""

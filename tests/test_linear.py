@@ -84,8 +84,8 @@ def test_few_rows_go_to_the_kernel_with_or_without_native_bf16(monkeypatch, nati
     assert out.shape == (rows, 8) and bool(calls) == to_kernel
 
 
-@pytest.mark.parametrize("native,amx,rows,route", [(True, True, 5, "amx"), (True, True, 128, "amx"),
-                                                    (True, True, 129, "torch"), (True, False, 64, "torch"),
+@pytest.mark.parametrize("native,amx,rows,route", [(True, True, 5, "amx"), (True, True, 192, "amx"),
+                                                    (True, True, 193, "torch"), (True, False, 64, "torch"),
                                                     (True, True, 2, "gemv"), (False, True, 64, "fp32")])
 def test_tens_of_rows_go_to_the_amx_product_on_amx_cpus(monkeypatch, native, amx, rows, route):
     calls = []

@@ -120,8 +120,9 @@ static void block(const uint16_t *W, int64_t N, int64_t K, int64_t ldw, int64_t 
 }
 
 /* Returns 0 on success, 2 when the scratch allocation fails. x (M, K) contiguous, y (M, N).
-   All of x is packed first; each block of 16 rows of W then meets every pass of 6 groups while it
-   is still in cache (W is streamed from memory once, whatever M). */
+   All of x is packed first. Up to two passes, each block of 16 rows of W meets both while it is
+   in cache; beyond, a pass of x (6 groups, ~0.5 MB at K = 2560) stays in cache while W streams by
+   once per pass. */
 static int amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *W, int64_t N, int64_t ldw,
                       const uint16_t *bias, void *y, int y_f32, int nthreads) {
     if (M <= 0 || N <= 0) return 0;
@@ -131,18 +132,35 @@ static int amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *W
     if (!xp) return 2;
     pack_x(x, K, 0, M, Kp, xp);
     int64_t nblocks = (N + 15) / 16;
-#pragma omp parallel num_threads(nthreads > 1 && nblocks > 1 ? nthreads : 1)
-    {
-        configure();
+    int team = nthreads > 1 && nblocks > 1 ? nthreads : 1;
+    if (M <= 2 * PASS_ROWS) {
+        /* few passes: each block of W meets them all while in cache, W streamed once */
+#pragma omp parallel num_threads(team)
+        {
+            configure();
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < nblocks; b++) {
+            for (int64_t b = 0; b < nblocks; b++)
+                for (int64_t m0 = 0; m0 < M; m0 += PASS_ROWS) {
+                    int64_t rows = M - m0 < PASS_ROWS ? M - m0 : PASS_ROWS;
+                    block(W, N, K, ldw, b * 16, xp + (m0 / 16) * Kp * 32, Kp, (int)((rows + 15) / 16), m0,
+                          rows, bias, y, y_f32);
+                }
+            _tile_release();
+        }
+    } else {
+        /* many: one pass of x at a time stays in cache while all of W streams by */
+#pragma omp parallel num_threads(team)
+        {
+            configure();
             for (int64_t m0 = 0; m0 < M; m0 += PASS_ROWS) {
                 int64_t rows = M - m0 < PASS_ROWS ? M - m0 : PASS_ROWS;
-                block(W, N, K, ldw, b * 16, xp + (m0 / 16) * Kp * 32, Kp, (int)((rows + 15) / 16), m0, rows,
-                      bias, y, y_f32);
+#pragma omp for schedule(static)
+                for (int64_t b = 0; b < nblocks; b++)
+                    block(W, N, K, ldw, b * 16, xp + (m0 / 16) * Kp * 32, Kp, (int)((rows + 15) / 16), m0,
+                          rows, bias, y, y_f32);
             }
+            _tile_release();
         }
-        _tile_release();
     }
     free(xp);
     return 0;
