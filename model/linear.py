@@ -13,8 +13,11 @@ torch's bf16 matmul emulates bf16 and runs several times slower than fp32 (measu
 
 On a CPU with native bf16 (AVX512-BF16, AMX) torch's bf16 GEMM is the fast one for many rows, but
 its products of a few rows read the weight at about half the speed of the GEMV kernel, so they
-still go to the kernel: up to 16 rows with its AVX512-BF16 build (decode, and the experts a few
-text tokens of an image prompt choose), else one or two.
+still go to the kernel: up to 4 rows with its AVX512-BF16 build (decode, and the experts a few
+text tokens of an image prompt choose), else one or two. With AMX, products of 5 to 192 rows (a
+prefill's expert segments, the vision experts of an image) go to the tile product of
+``model.kernels``, which reads the weight in place as the tiles' left operand; bigger ones stay
+with torch (oneDNN).
 
 Everything else (fp32 or fp16 weights, CUDA) calls ``F.linear``.
 """
