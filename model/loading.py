@@ -24,6 +24,7 @@ from typing import NoReturn
 import torch
 from torch import Tensor
 
+from model.allocator import keep_freed_memory
 from model.config import ErnieVLConfig
 from model.errors import CheckpointError, ErnieError
 from model.hub import DEFAULT_REPO, resolve
@@ -86,6 +87,7 @@ def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = 
         pack_for_cpu(model, release=checkpoint.release_pages)
     if on_cpu:  # copied pages were released as they went; map in those the model reads in place
         checkpoint.populate([*model.parameters(), *model.buffers()])
+        keep_freed_memory()  # activations reuse freed heap blocks instead of faulting pages in anew
     else:
         checkpoint.release_pages()
     return model
