@@ -17,7 +17,7 @@ still go to the kernel: up to 4 rows with its AVX512-BF16 build (decode, and the
 text tokens of an image prompt choose), else one or two. With AMX, products of 5 to 192 rows (a
 prefill's expert segments, the vision experts of an image) go to the tile product of
 ``model.kernels``, which reads the weight in place as the tiles' left operand; bigger ones stay
-with torch (oneDNN).
+with torch (oneDNN), their rows padded to a multiple of 16 (some row counts get a slow blocking).
 
 Everything else (fp32 or fp16 weights, CUDA) calls ``F.linear``.
 """
@@ -49,6 +49,13 @@ DP_GEMV_MAX_ROWS = 4
 # 2.2-2.4 vs 2.6-2.9 at 96, 3.1 vs 4.1 at 128, 4.5 vs 6.2 at 192; at 287 and 1024 rows oneDNN is
 # as fast or faster (its blocking), so bigger products stay with torch.
 AMX_MAX_ROWS = 192
+# oneDNN's bf16 GEMM picks its row blocking from the row count, and a few counts get a poor one:
+# on a 2-core AVX512-BF16 EPYC, (287, 2560) x (2560, 24576) runs at 271 GFLOP/s where 286 and 288
+# rows run at 400 and 370 (also 214 at 986 rows, 264 at 778, against 380-415 around them). Rows
+# padded with zeros to a multiple of PAD_ROWS_TO never hit those (347-417 GFLOP/s over 193-1100
+# rows); the padding rows cost under 6% at these sizes and the output is a view of the first rows.
+PAD_ROWS_FROM = AMX_MAX_ROWS + 1
+PAD_ROWS_TO = 16
 
 
 @lru_cache(maxsize=1)
@@ -83,7 +90,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return kernels.bf16_gemv(x, weight, bias)
         if rows <= AMX_MAX_ROWS and native_bf16_cpu() and kernels.amx_available():
             return kernels.amx_linear(x, weight, bias)
+        if rows >= PAD_ROWS_FROM and rows % PAD_ROWS_TO and native_bf16_cpu():
+            return _row_padded_linear(x, weight, bias, rows)
     return F.linear(x, weight, bias)
+
+
+def _row_padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """``F.linear`` on x's rows padded with zeros to a multiple of PAD_ROWS_TO; (..., N) of the real rows."""
+    K = x.shape[-1]
+    padded = -(-rows // PAD_ROWS_TO) * PAD_ROWS_TO
+    buffer = x.new_empty(padded, K)
+    buffer[:rows].copy_(x.reshape(rows, K))
+    buffer[rows:].zero_()
+    out = F.linear(buffer, weight, bias)[:rows]  # the leading rows of a contiguous result: contiguous
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):

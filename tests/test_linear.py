@@ -103,6 +103,24 @@ def test_tens_of_rows_go_to_the_amx_product_on_amx_cpus(monkeypatch, native, amx
     assert calls == [route]
 
 
+@pytest.mark.parametrize("rows,padded", [(193, 208), (287, 288), (288, None), (1000, 1008)])
+def test_big_products_pad_their_rows_to_a_multiple_of_16(monkeypatch, rows, padded):
+    """oneDNN blocks some row counts badly (287 rows ran at 2/3 of 288's speed): rows are padded
+    with zeros, and the result is the unpadded product (bit-identical: rows are independent)."""
+    seen = []
+    real = F.linear
+    monkeypatch.setattr(lin, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(kernels, "amx_available", lambda: False)
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(1, rows, 64).bfloat16(), torch.randn(24, 64).bfloat16(), torch.randn(24).bfloat16()
+    monkeypatch.setattr(lin.F, "linear", lambda a, v, c=None: (v is w and seen.append(a.numel() // 64))
+                        or real(a, v, c))  # rows of the products of w (kernel self-checks aside)
+    out = lin.linear(x, w, b)
+    assert out.shape == (1, rows, 24) and out.is_contiguous()
+    assert seen == [padded or rows]
+    assert torch.equal(out[0], real(x[0], w, b))
+
+
 def test_training_keeps_autograd(slow_cpu):
     """An input that needs a gradient takes torch's own bf16 path (differentiable)."""
     layer = lin.Linear(8, 4).bfloat16()
