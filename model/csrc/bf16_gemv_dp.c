@@ -11,6 +11,8 @@
    the K % 32 tail is a masked load (zeros past the end). The instruction treats denormal inputs
    as zero; otherwise the sums are fp32 sums of exact products, rounded to bf16 once.
 
+   One row of x has a kernel of its own (block_m1, below), measured faster on an EPYC.
+
    Rows of W are `ldw` elements apart (W may be a view such as stacked[e]). Work is split over
    blocks of rows of W with OpenMP; with nthreads == 1 no parallel region is entered. */
 
@@ -70,7 +72,39 @@ static inline __attribute__((always_inline)) void rows_kernel(
         for (; n < n1; n++) rows_kernel(x, K, W, ldw, n, bias, y, y_f32, N, M_, 1);             \
     }
 
-BLOCK_FN(1, 4)
+/* One row of x: each row of W is read start to end before the next one, a single sequential
+   stream per thread, with four accumulators along k (the sum's rounding differs from one
+   accumulator only in fp32's last bits). The R-row kernel above reads 4 rows side by side and
+   prefetches the next 4; on a 2-core AVX512-BF16 EPYC that streamed 20-27 GB/s where this
+   streams 26-33 (a plain read of memory there: 31). */
+static void block_m1(const uint16_t *x, int64_t K, const uint16_t *W, int64_t ldw, int64_t n0,
+                     int64_t n1, const uint16_t *bias, void *y, int y_f32, int64_t N) {
+    (void)N;
+    int64_t K128 = K & ~(int64_t)127;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint16_t *w = W + n * ldw;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = 0;
+        for (; k < K128; k += 128) {
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(x + k), (__m512bh)_mm512_loadu_si512(w + k));
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(x + k + 32),
+                                  (__m512bh)_mm512_loadu_si512(w + k + 32));
+            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(x + k + 64),
+                                  (__m512bh)_mm512_loadu_si512(w + k + 64));
+            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(x + k + 96),
+                                  (__m512bh)_mm512_loadu_si512(w + k + 96));
+        }
+        for (; k < K; k += 32) { /* the K % 128 tail, 32 at a time, the last one masked */
+            __mmask32 mask = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (K - k)) - 1);
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k),
+                                  (__m512bh)_mm512_maskz_loadu_epi16(mask, w + k));
+        }
+        float b = bias ? bf16_to_f32(bias[n]) : 0.0f;
+        __m512 sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        store(y, y_f32, n, _mm512_reduce_add_ps(sum) + b);
+    }
+}
+
 BLOCK_FN(2, 4)
 BLOCK_FN(3, 4)
 BLOCK_FN(4, 2)
