@@ -15,7 +15,9 @@ the GIL during the call). When anything is missing or fails (no compiler, not x8
 ``unavailable_reason`` says why.
 
 ``csrc/bf16_ops.c`` (built and loaded the same way, checked by ``ops_available()``) holds fused
-elementwise passes; so far the vision RoPE (``rope_half``), one pass instead of six, bit-identical.
+elementwise passes: the vision RoPE (``rope_half``), one pass instead of six, bit-identical; and the
+attention of a decode step over the KV cache (``attn_decode``), which torch's flash kernel runs at
+~2 us per cached token and layer.
 ``csrc/bf16_amx.c`` (``amx_linear``, ``amx_available()``) multiplies tens of rows of x by a weight
 on AMX tiles, reading the weight in place as the tiles' left operand.
 """
@@ -268,6 +270,8 @@ def _load_ops() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build(compiler, source_file=OPS_SOURCE, flags=OPS_FLAGS)))
     lib.bf16_rope_half.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int]
     lib.bf16_rope_half.restype = ctypes.c_int
+    lib.bf16_attn_decode.argtypes = [_ptr, _ptr, _ptr, _ptr] + [_i64] * 17 + [ctypes.c_float, _ptr, _int]
+    lib.bf16_attn_decode.restype = ctypes.c_int
     return lib
 
 
@@ -279,6 +283,11 @@ def _ops_self_check(lib: ctypes.CDLL) -> str:
     cos, sin = torch.randn(7, 20, generator=gen), torch.randn(7, 20, generator=gen)
     if not torch.equal(_rope_half(lib, qkv[:, :2], cos, sin, 1), rotate_vision_torch(qkv[:, :2], cos, sin)):
         return "self-check of rope_half failed"
+    q, k, v = (torch.randn(1, h, t, 16, generator=gen).bfloat16() for h, t in ((4, 2), (2, 70), (2, 70)))
+    mask = torch.rand(1, 1, 2, 70, generator=gen) > 0.3
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    if not torch.allclose(_attn_decode(lib, q, k, v, mask, 0.25, 1).float(), ref, rtol=2 ** -7, atol=1e-2):
+        return "self-check of attn_decode failed"
     return ""
 
 
@@ -324,6 +333,58 @@ def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
         raise ValueError(f"rope_half does not take x {tuple(x.shape)} {x.dtype} {x.device} with cos "
                          f"{tuple(cos.shape)} {cos.dtype} (or the library is unavailable: {ops_unavailable_reason})")
     return _rope_half(_ops_library(), x, cos, sin, torch.get_num_threads())
+
+
+ATTN_MAX_ROWS, ATTN_MAX_D = 16, 256  # query rows per kv head (G * T) and head dim the C code takes
+
+
+def _attn_decode(lib, q, k, v, mask, scale: float, threads: int) -> torch.Tensor:
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.empty(B, T, Hq, D, dtype=torch.bfloat16)
+    mask = mask.expand(mask.shape[0], 1, T, S)
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    status = lib.bf16_attn_decode(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), B, Hq, Hkv, T, S, D,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2),
+        scale, out.data_ptr(), threads)
+    if status != 0:
+        raise RuntimeError(f"bf16_attn_decode returned {status}")
+    return out.transpose(1, 2)  # (B, Hq, T, D), a view of (B, T, Hq, D)
+
+
+def attn_decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether ``attn_decode`` takes these: bf16 CPU q (B, Hq, T, D), k and v (B, Hkv, S, D) with
+    unit stride along D, Hq a multiple of Hkv with at most ATTN_MAX_ROWS query rows per kv head
+    (decode: T = 1 or a few), D a multiple of 8 up to ATTN_MAX_D, a bool mask (B|1, 1, T|1, S),
+    nothing autograd tracks, and the library loaded."""
+    if not (q.dim() == 4 and k.dim() == 4 and v.shape == k.shape and mask is not None and mask.dim() == 4):
+        return False
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.is_cpu and k.is_cpu and v.is_cpu
+            and mask.dtype == torch.bool and mask.is_cpu and mask.shape[0] in (1, B) and mask.shape[1] == 1
+            and mask.shape[2] in (1, T) and mask.shape[3] == S and k.shape[0] == B and k.shape[3] == D
+            and Hkv > 0 and Hq % Hkv == 0 and (Hq // Hkv) * T <= ATTN_MAX_ROWS and 0 < D <= ATTN_MAX_D
+            and D % 8 == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and _ops_library() is not None)
+
+
+def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                scale: float | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)`` for a few
+    queries (a decode step), in fp32 with one rounding to bf16; a query that sees no key gets
+    zeros. Returns (B, Hq, T, D) as a view of a contiguous (B, T, Hq, D) tensor (what the output
+    projection wants). Raises ValueError unless ``attn_decode_applies``."""
+    if not attn_decode_applies(q, k, v, mask):
+        raise ValueError(f"attn_decode does not take q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, mask "
+                         f"{None if mask is None else tuple(mask.shape)} (or the library is unavailable: "
+                         f"{ops_unavailable_reason})")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _attn_decode(_ops_library(), q, k, v, mask, scale, torch.get_num_threads())
 
 
 def _even_groups(x: torch.Tensor) -> bool:

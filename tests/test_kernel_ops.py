@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import kernels
 from model.rope import rotate_vision, rotate_vision_torch
@@ -97,3 +98,58 @@ def test_ops_cache_builds_once(tmp_path, monkeypatch):
     assert first.name.startswith("bf16_ops-") and first.exists()
     assert kernels.build(compiler, source_file=kernels.OPS_SOURCE, flags=kernels.OPS_FLAGS) == first
     assert [p.name for p in first.parent.iterdir()] == [first.name]
+
+
+# --- attn_decode: a few queries over the KV cache ----------------------------------------------
+
+def _sdpa_fp32(q, k, v, mask):
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+
+
+@needs_ops
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,D", [(1, 20, 4, 1, 1, 128), (1, 20, 4, 1, 37, 128), (1, 20, 4, 2, 300, 128),
+                                            (2, 4, 4, 1, 65, 64), (2, 6, 2, 3, 129, 8), (1, 16, 1, 1, 1000, 256)])
+def test_attn_decode_matches_fp32_attention(B, Hq, Hkv, T, S, D):
+    """fp32 scores, softmax and sum, rounded once: within bf16 rounding of the fp32 reference, on
+    cache views (slots beyond S allocated), strided queries and a per-batch padding mask."""
+    gen = torch.Generator().manual_seed(S + D)
+    q = torch.randn(B, T, Hq, D, generator=gen).bfloat16().transpose(1, 2)  # (B, Hq, T, D), strided
+    k_buf, v_buf = (torch.randn(B, Hkv, S + 9, D, generator=gen).bfloat16() for _ in range(2))
+    k, v = k_buf[:, :, :S], v_buf[:, :, :S]
+    mask = torch.rand(B, 1, T, S, generator=gen) > 0.25
+    mask[..., -1] = True
+    assert kernels.attn_decode_applies(q, k, v, mask)
+    out = kernels.attn_decode(q, k, v, mask)
+    assert out.shape == (B, Hq, T, D) and out.dtype == torch.bfloat16
+    assert out.transpose(1, 2).is_contiguous()  # laid out for the output projection
+    torch.testing.assert_close(out.float(), _sdpa_fp32(q, k, v, mask), rtol=2 ** -7, atol=2e-3)
+
+
+@needs_ops
+def test_attn_decode_broadcast_mask_threads_and_blind_rows():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 8, 1, 32, generator=gen).bfloat16()
+    k, v = (torch.randn(2, 2, 2000, 32, generator=gen).bfloat16() for _ in range(2))
+    mask = torch.rand(1, 1, 1, 2000, generator=gen) > 0.5  # shared by the batch
+    ref = _sdpa_fp32(q, k, v, mask)
+    torch.testing.assert_close(kernels.attn_decode(q, k, v, mask).float(), ref, rtol=2 ** -7, atol=2e-3)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.attn_decode(q, k, v, mask)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, kernels.attn_decode(q, k, v, mask))  # tasks are split, never a sum
+    blind = torch.zeros(1, 1, 1, 2000, dtype=torch.bool)
+    assert torch.equal(kernels.attn_decode(q, k, v, blind), torch.zeros_like(q))  # sees nothing: zeros
+
+
+def test_attn_decode_declines_what_it_does_not_take():
+    q, k = torch.randn(1, 20, 1, 128).bfloat16(), torch.randn(1, 4, 9, 128).bfloat16()
+    mask = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    assert not kernels.attn_decode_applies(q, k, k, None)  # causal without a mask: SDPA's job
+    assert not kernels.attn_decode_applies(q.float(), k.float(), k.float(), mask)
+    assert not kernels.attn_decode_applies(torch.randn(1, 20, 1, 12).bfloat16(), k[..., :12], k[..., :12], mask)
+    assert not kernels.attn_decode_applies(torch.randn(1, 20, 4, 128).bfloat16(), k, k, mask.expand(1, 1, 4, 9))
+    with pytest.raises(ValueError, match="attn_decode does not take"):
+        kernels.attn_decode(q, k, k, None)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from model import ErnieVL
-from model import loading, moe, packing
+from model import kernels, loading, moe, packing
 from model.errors import ErnieError
 from model.generate import GenerationConfig, generate
 from model.loading import load_pretrained
@@ -268,3 +268,19 @@ def test_experts_are_stacked_when_their_dtype_changes(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(stacked(**inputs).logits.float(), plain.float()(**inputs).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not kernels.ops_available(), reason=f"no fused ops: {kernels.ops_unavailable_reason}")
+def test_decode_attention_kernel_generates_what_sdpa_generates(monkeypatch):
+    """Model A (head_dim 16) decodes through kernels.attn_decode; with it declined, through SDPA.
+    A padded batch, so its masks carry padding; the greedy tokens are the same."""
+    model = _bf16_model("A")
+    inputs = make_inputs("padded_batch", labels=False)
+    config = GenerationConfig(max_new_tokens=8, eos_token_id=())
+    calls = []
+    real = kernels.attn_decode
+    monkeypatch.setattr(kernels, "attn_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with_kernel = generate(model, config=config, **inputs)
+    assert calls, "the decode steps did not reach the kernel"
+    monkeypatch.setattr(kernels, "attn_decode_applies", lambda *a: False)
+    assert torch.equal(generate(model, config=config, **inputs), with_kernel)

@@ -1,4 +1,5 @@
-/* Fused bf16 elementwise passes for CPU inference (AVX2 + F16C x86).
+/* Fused bf16 passes for CPU inference (AVX2 + FMA + F16C x86): the vision RoPE and the
+   attention of a decode step (attn_decode, at the end of this file).
 
    rope_half: out = bf16(x * cos + rotate_half(x) * sin), math in fp32 (the vision 2D RoPE).
    torch runs it as six passes (widen, multiply, negate, concatenate, multiply-add, narrow), each
@@ -80,5 +81,149 @@ int bf16_rope_half(const uint16_t *x, int64_t N, int64_t G, int64_t D, int64_t s
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) rope_row(x + n * sN, sG, G, D, cos + n * D, sin + n * D, out + n * G * D);
+    return 0;
+}
+
+/* --- attn_decode: attention of a few queries over the KV cache (decode steps) -----------------
+
+   q (B, Hq, T, D), k and v (B, Hkv, S, D), all bf16 with unit stride along D and any other
+   strides (element counts); Hq = G * Hkv, query head h reads kv head h / G. mask (B|1, 1, T, S)
+   bool as bytes, msB (0 when broadcast over the batch) and msT its strides; true = visible.
+   out (B, T, Hq, D) bf16 contiguous: what the output projection reads.
+
+   Per (batch, kv head) task, its G * T query rows go over the keys in blocks of KB: scores
+   q.k * scale in fp32, an online softmax (running max and sum, rescaled once per block), and
+   the fp32 sum of p * v; one division and one rounding to bf16 at the end. torch's flash kernel
+   runs a decode step as one query block per head and costs ~2 us per key slot at Hq=20, Hkv=4,
+   D=128 (9 ms per layer at 4000 slots); this reads each key and value once.
+   A row that sees no key gets zeros. */
+
+#include <math.h> /* INFINITY */
+
+#define ATTN_KB 64
+#define ATTN_MAX_ROWS 16
+#define ATTN_MAX_D 256
+
+static inline void widen_row(const uint16_t *src, int64_t D, float *dst) {
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(dst + d, load_bf16(src + d));
+}
+
+/* e^x for 8 fp32 lanes: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2) / 2, a degree-6
+   polynomial for e^r (relative error ~2e-7); -inf lanes give exactly 0, x is clamped to
+   [-87.3, 88.7] otherwise. */
+static inline __m256 exp8(__m256 x) {
+    __m256 neg_inf = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln 2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(neg_inf, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static void attn_task(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
+                      int64_t G, int64_t T, int64_t S, int64_t D, int64_t qsH, int64_t qsT, int64_t ksS,
+                      int64_t vsS, int64_t msT, float scale, uint16_t *out, int64_t osT, int64_t h0) {
+    const int64_t R = G * T; /* row r: query head h0 + r / T, query t = r % T */
+    float qf[ATTN_MAX_ROWS][ATTN_MAX_D], acc[ATTN_MAX_ROWS][ATTN_MAX_D], p[ATTN_MAX_ROWS][ATTN_KB];
+    float m[ATTN_MAX_ROWS], l[ATTN_MAX_ROWS], kvf[ATTN_MAX_D];
+    for (int64_t r = 0; r < R; r++) {
+        widen_row(q + (r / T) * qsH + (r % T) * qsT, D, qf[r]);
+        memset(acc[r], 0, sizeof(float) * D);
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    for (int64_t s0 = 0; s0 < S; s0 += ATTN_KB) {
+        int64_t nb = S - s0 < ATTN_KB ? S - s0 : ATTN_KB;
+        for (int64_t j = 0; j < nb; j++) {
+            widen_row(k + (s0 + j) * ksS, D, kvf);
+            for (int64_t r = 0; r < R; r++) {
+                if (!mask[(r % T) * msT + s0 + j]) {
+                    p[r][j] = -INFINITY;
+                    continue;
+                }
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                int64_t d = 0;
+                for (; d + 16 <= D; d += 16) {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf[r] + d), _mm256_loadu_ps(kvf + d), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf[r] + d + 8), _mm256_loadu_ps(kvf + d + 8), a1);
+                }
+                if (d < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf[r] + d), _mm256_loadu_ps(kvf + d), a0);
+                p[r][j] = hsum8(_mm256_add_ps(a0, a1)) * scale;
+            }
+        }
+        for (int64_t r = 0; r < R; r++) { /* online softmax: new running max, rescale, exponentiate */
+            float bmax = -INFINITY;
+            for (int64_t j = 0; j < nb; j++) bmax = p[r][j] > bmax ? p[r][j] : bmax;
+            for (int64_t j = nb; j < ATTN_KB; j++) p[r][j] = -INFINITY; /* a short last block */
+            if (bmax == -INFINITY) { /* nothing visible in this block */
+                memset(p[r], 0, sizeof(p[r]));
+                continue;
+            }
+            float mnew = bmax > m[r] ? bmax : m[r];
+            if (mnew > m[r] && l[r] > 0.0f) {
+                float alpha = _mm256_cvtss_f32(exp8(_mm256_set1_ps(m[r] - mnew)));
+                l[r] *= alpha;
+                __m256 va = _mm256_set1_ps(alpha);
+                for (int64_t d = 0; d < D; d += 8)
+                    _mm256_storeu_ps(acc[r] + d, _mm256_mul_ps(_mm256_loadu_ps(acc[r] + d), va));
+            }
+            m[r] = mnew;
+            __m256 vm = _mm256_set1_ps(mnew), sum = _mm256_setzero_ps();
+            for (int64_t j = 0; j < ATTN_KB; j += 8) { /* -inf - mnew stays -inf: exp8 gives 0 */
+                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p[r] + j), vm));
+                _mm256_storeu_ps(p[r] + j, e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            l[r] += hsum8(sum);
+        }
+        for (int64_t j = 0; j < nb; j++) {
+            widen_row(v + (s0 + j) * vsS, D, kvf);
+            for (int64_t r = 0; r < R; r++) {
+                if (p[r][j] == 0.0f) continue;
+                __m256 pv = _mm256_set1_ps(p[r][j]);
+                for (int64_t d = 0; d < D; d += 8)
+                    _mm256_storeu_ps(acc[r] + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(kvf + d), _mm256_loadu_ps(acc[r] + d)));
+            }
+        }
+    }
+    for (int64_t r = 0; r < R; r++) {
+        __m256 inv = _mm256_set1_ps(l[r] > 0.0f ? 1.0f / l[r] : 0.0f);
+        uint16_t *o = out + (r % T) * osT + (h0 + r / T) * D;
+        for (int64_t d = 0; d < D; d += 8) store_bf16(o + d, _mm256_mul_ps(_mm256_loadu_ps(acc[r] + d), inv));
+    }
+}
+
+int bf16_attn_decode(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
+                     int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D,
+                     int64_t qsB, int64_t qsH, int64_t qsT, int64_t ksB, int64_t ksH, int64_t ksS,
+                     int64_t vsB, int64_t vsH, int64_t vsS, int64_t msB, int64_t msT, float scale,
+                     uint16_t *out, int nthreads) {
+    if (B <= 0 || T <= 0) return 0;
+    if (Hkv <= 0 || Hq % Hkv || D <= 0 || D % 8 || D > ATTN_MAX_D || (Hq / Hkv) * T > ATTN_MAX_ROWS || S < 0)
+        return 1;
+    const int64_t G = Hq / Hkv, tasks = B * Hkv, osT = Hq * D;
+    int parallel = nthreads > 1 && tasks > 1 && S * G * T * D >= MIN_PARALLEL;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (parallel)
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t b = task / Hkv, hk = task % Hkv;
+        attn_task(q + b * qsB + hk * G * qsH, k + b * ksB + hk * ksH, v + b * vsB + hk * vsH, mask + b * msB,
+                  G, T, S, D, qsH, qsT, ksS, vsS, msT, scale, out + b * T * osT, osT, hk * G);
+    }
     return 0;
 }
