@@ -1,5 +1,6 @@
 """Grouped-query self-attention of the text decoder: torch's scaled_dot_product_attention, and on
-CPU for decode steps the one-pass kernel of model/kernels.py.
+CPU the kernels of model/kernels.py for decode steps (one pass over the cache) and, on AVX512-BF16,
+for causal prefills (torch's flash kernel ran 1024 tokens at 20/4 heads of 128 in 52 ms, ours 18).
 
 Legend: B = batch, T = new tokens, S = key slots (cached + new), Hq / Hkv = query / key-value
 heads, D = head dim.
@@ -63,6 +64,8 @@ class Attention(nn.Module):
         k, v = k.to(q.dtype), v.to(q.dtype)
         if Tq <= DECODE_MAX_QUERIES and kernels.attn_decode_applies(q, k, v, mask):
             out = kernels.attn_decode(q, k, v, mask)  # a decode step: one pass over the cache
+        elif mask is None and kernels.flash_attn_applies(q, k, v):
+            out = kernels.flash_attn(q, k, v, causal=True)  # a prefill on AVX512-BF16 (T == S here)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=self.n_heads != self.n_kv_heads)  # (B, Hq, Tq, D)

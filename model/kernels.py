@@ -19,7 +19,8 @@ elementwise passes: the vision RoPE (``rope_half``), one pass instead of six, bi
 attention of a decode step over the KV cache (``attn_decode``), which torch's flash kernel runs at
 ~2 us per cached token and layer.
 ``csrc/bf16_amx.c`` (``amx_linear``, ``amx_available()``) multiplies tens of rows of x by a weight
-on AMX tiles, reading the weight in place as the tiles' left operand.
+on AMX tiles, reading the weight in place as the tiles' left operand. ``csrc/bf16_flash.c``
+(``flash_attn``) is attention of many queries (prefill, the vision tower) on AVX512-BF16.
 """
 
 from __future__ import annotations
@@ -469,3 +470,80 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise RuntimeError(f"the AMX product is unavailable: {amx_unavailable_reason}")
     x = x if x.is_contiguous() else x.contiguous()
     return _amx_call(lib, x, weight, bias, threads or torch.get_num_threads())
+
+
+# --- attention of many queries on AVX512-BF16 (csrc/bf16_flash.c) -----------------------------------
+
+flash_unavailable_reason = ""
+FLASH_SOURCE = Path(__file__).parent / "csrc" / "bf16_flash.c"
+FLASH_MAX_D = 256  # head dims the C code takes: multiples of 16 up to this
+
+
+def _load_flash() -> ctypes.CDLL:
+    if not has_avx512_bf16():
+        raise RuntimeError("no AVX512-BF16 on this CPU")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
+    lib = ctypes.CDLL(str(build(compiler, source_file=FLASH_SOURCE, flags=DP_FLAGS)))
+    lib.bf16_flash_attn.argtypes = [_ptr, _ptr, _ptr] + [_i64] * 15 + [_int, _i64, ctypes.c_float, _ptr, _int]
+    lib.bf16_flash_attn.restype = ctypes.c_int
+    return lib
+
+
+def _flash_self_check(lib: ctypes.CDLL) -> str:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 70, 32, generator=gen).bfloat16() for h in (4, 2, 2))
+    for causal in (False, True):
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, enable_gqa=True)
+        if not torch.allclose(_flash_call(lib, q, k, v, causal, 0, 32 ** -0.5, 1).float(), ref, rtol=2 ** -6, atol=2e-2):
+            return f"self-check of flash_attn (causal={causal}) failed"
+    return ""
+
+
+@lru_cache(maxsize=1)
+def _flash_library() -> ctypes.CDLL | None:
+    global flash_unavailable_reason
+    lib, flash_unavailable_reason = _guarded(_load_flash, _flash_self_check)
+    return lib
+
+
+def _flash_call(lib, q, k, v, causal: bool, offset: int, scale: float, threads: int) -> torch.Tensor:
+    B, Hq, T, D = q.shape
+    out = torch.empty(B, T, Hq, D, dtype=torch.bfloat16)
+    status = lib.bf16_flash_attn(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, Hq, k.shape[1], T, k.shape[2], D,
+                                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], int(causal), offset, scale,
+                                 out.data_ptr(), threads)
+    if status != 0:
+        raise RuntimeError(f"bf16_flash_attn returned {status}")
+    return out.transpose(1, 2)  # (B, Hq, T, D), a view of (B, T, Hq, D)
+
+
+def flash_attn_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``flash_attn`` takes these: bf16 CPU q (B, Hq, T, D), k and v (B, Hkv, S, D) with unit
+    stride along D, Hq a multiple of Hkv, D a multiple of 16 up to FLASH_MAX_D, nothing autograd
+    tracks, and the library loaded (AVX512-BF16 CPUs)."""
+    if not (q.dim() == 4 and k.dim() == 4 and v.shape == k.shape):
+        return False
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.is_cpu and k.is_cpu and v.is_cpu
+            and k.shape[0] == B and k.shape[3] == D and Hkv > 0 and Hq % Hkv == 0 and 0 < D <= FLASH_MAX_D
+            and D % 16 == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and _flash_library() is not None)
+
+
+def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               scale: float | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)`` on AVX512-BF16:
+    fp32 scores and softmax, the probabilities rounded to bf16 for the product with v (as torch's
+    flash kernel does), one rounding at the end. Causal aligns the queries with the *last* T keys
+    (key j visible to query i when j <= i + S - T), which is SDPA's alignment when T == S.
+    Returns (B, Hq, T, D) as a view of a contiguous (B, T, Hq, D) tensor. Raises ValueError unless
+    ``flash_attn_applies``."""
+    if not flash_attn_applies(q, k, v):
+        raise ValueError(f"flash_attn does not take q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} "
+                         f"(or the library is unavailable: {flash_unavailable_reason})")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _flash_call(_flash_library(), q, k, v, causal, k.shape[2] - q.shape[2], scale, torch.get_num_threads())

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import kernels
 from model.config import VisionConfig
 from model.linear import Linear
 from model.rope import rotate_vision, vision_rope
@@ -71,7 +72,10 @@ class VisionAttention(nn.Module):
             # frames of one image/video share a length: batch them, (frames, Hd, length, D)
             qs, ks, vs = (t[start:end].view(frames, length, self.num_heads, self.head_dim).transpose(1, 2)
                           for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs)  # (frames, Hd, length, D)
+            if kernels.flash_attn_applies(qs, ks, vs):  # AVX512-BF16 CPU: 20 ms against torch's 35 at 1024 x 16 x 80
+                o = kernels.flash_attn(qs, ks, vs)
+            else:
+                o = F.scaled_dot_product_attention(qs, ks, vs)  # (frames, Hd, length, D)
             outs.append(o.transpose(1, 2).reshape(frames * length, -1))  # (frames*length, C)
             start = end
         return self.proj(torch.cat(outs, dim=0))

@@ -153,3 +153,48 @@ def test_attn_decode_declines_what_it_does_not_take():
     assert not kernels.attn_decode_applies(torch.randn(1, 20, 4, 128).bfloat16(), k, k, mask.expand(1, 1, 4, 9))
     with pytest.raises(ValueError, match="attn_decode does not take"):
         kernels.attn_decode(q, k, k, None)
+
+
+# --- flash_attn: many queries (prefill, vision) on AVX512-BF16 ----------------------------------
+
+needs_flash = pytest.mark.skipif(not kernels.flash_attn_applies(*(torch.zeros(1, 1, 1, 16).bfloat16(),) * 3),
+                                 reason=f"no flash kernel: {kernels.flash_unavailable_reason}")
+
+
+@needs_flash
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,D,causal", [(1, 16, 16, 1024, 1024, 80, False), (1, 20, 4, 300, 300, 128, True),
+                                                   (2, 6, 2, 77, 77, 16, True), (1, 4, 4, 1, 1, 32, False),
+                                                   (1, 4, 2, 5, 133, 64, True), (1, 2, 1, 65, 200, 256, False)])
+def test_flash_attn_matches_fp32_attention(B, Hq, Hkv, T, S, D, causal):
+    """As close to fp32 attention as torch's own bf16 kernel is; strided queries, cache-like k/v
+    views; causal with T < S sees the last T keys' diagonal (key j for query i when j <= i + S - T)."""
+    gen = torch.Generator().manual_seed(T + S + D)
+    q = torch.randn(B, T, Hq, D, generator=gen).bfloat16().transpose(1, 2)
+    k_buf, v_buf = (torch.randn(B, Hkv, S + 7, D, generator=gen).bfloat16() for _ in range(2))
+    k, v = k_buf[:, :, :S], v_buf[:, :, :S]
+    mask = None
+    if causal:
+        mask = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)  # (T, S)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    out = kernels.flash_attn(q, k, v, causal=causal)
+    assert out.shape == (B, Hq, T, D) and out.transpose(1, 2).is_contiguous()
+    torch_bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    tolerance = 2 * float((torch_bf16.float() - ref).abs().max()) + 1e-3
+    assert float((out.float() - ref).abs().max()) <= tolerance
+
+
+@needs_flash
+def test_flash_attn_threads_agree_and_misuse_is_refused():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 8, 600, 32, generator=gen).bfloat16() for _ in range(3))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.flash_attn(q, k, v, causal=True)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, kernels.flash_attn(q, k, v, causal=True))  # rows are split, never a sum
+    assert not kernels.flash_attn_applies(q[..., :24], k[..., :24], v[..., :24])  # D % 16
+    assert not kernels.flash_attn_applies(q.float(), k.float(), v.float())
+    with pytest.raises(ValueError, match="flash_attn does not take"):
+        kernels.flash_attn(q[:, :3], k[:, :2], v[:, :2])  # 3 query heads over 2 kv heads

@@ -284,3 +284,27 @@ def test_decode_attention_kernel_generates_what_sdpa_generates(monkeypatch):
     assert calls, "the decode steps did not reach the kernel"
     monkeypatch.setattr(kernels, "attn_decode_applies", lambda *a: False)
     assert torch.equal(generate(model, config=config, **inputs), with_kernel)
+
+
+@pytest.mark.skipif(not kernels.flash_attn_applies(*(torch.zeros(1, 1, 1, 16).bfloat16(),) * 3),
+                    reason=f"no flash kernel: {kernels.flash_unavailable_reason}")
+def test_flash_prefill_and_vision_attention_stay_as_close_to_fp32_as_sdpa(monkeypatch):
+    """Model A (head_dim 16, vision heads of 16) prefills an image+video prompt through
+    kernels.flash_attn, and with it declined through SDPA; both bf16 runs are held against the
+    fp32 model: the kernel's logits must be no further from it than torch's."""
+    model = _bf16_model("A")
+    exact = copy.deepcopy(model).float()
+    inputs = make_inputs("image_video", labels=False)
+    inputs32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    calls = []
+    real = kernels.flash_attn
+    monkeypatch.setattr(kernels, "flash_attn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        ref = exact(**inputs32).logits
+        fast = model(**inputs).logits.float()
+        assert len(calls) >= 2, "neither the vision tower nor the prefill reached the kernel"
+        monkeypatch.setattr(kernels, "flash_attn_applies", lambda *a: False)
+        plain = model(**inputs).logits.float()
+    err_fast, err_plain = (fast - ref).abs(), (plain - ref).abs()
+    assert float(err_fast.mean()) <= 1.25 * float(err_plain.mean())
+    assert float(err_fast.max()) <= 1.25 * float(err_plain.max()) + 1e-3
