@@ -16,7 +16,8 @@ What it does:
    truth sequence, and the fp32 logits of every step), and runs prompt + truth through one
    forward (the fp32 teacher-forced logits);
 3. then, one model at a time, each bf16 side: ernie as the CLI loads it (with the compiled
-   AVX2 bf16 GEMV when available, and again with it disabled as ``ERNIE_NO_KERNELS=1`` does), and
+   CPU kernels of model/kernels.py where they run, and again with them all disabled as
+   ``ERNIE_NO_KERNELS=1`` does), and
    the transformers 5.23 reference as bench.py loads it. Each one
    - teacher-forced, one forward: prompt + truth (the prefill route, many rows per matmul);
    - teacher-forced decode: its own decode loop with its KV cache, each step fed the truth token
@@ -99,7 +100,8 @@ def set_kernels(enabled: bool) -> None:
         os.environ.pop("ERNIE_NO_KERNELS", None)
     else:
         os.environ["ERNIE_NO_KERNELS"] = "1"
-    kernels._library.cache_clear()
+    for library in (kernels._library, kernels._ops_library, kernels._amx_library, kernels._flash_library):
+        library.cache_clear()  # every compiled library decides again, under the new setting
     kernels.gemv_available()
 
 
