@@ -6,8 +6,11 @@ Legend: B = batch, T = new tokens, S = key slots (cached + new), Hq / Hkv = quer
 heads, D = head dim.
 
 The mask is built once per forward by ``build_attention_mask`` and shared by all layers. A
-query at cache slot p may see key slot s when s <= p and slot s is not padding. Slots are cache
-indices, not RoPE positions (those differ after an image; see model/positions.py).
+query at cache slot p may see key slot s when s <= p and slot s is not padding. Without padding,
+when the new tokens are the last slots (every prefill, decode step and follow-up turn of one
+conversation), there is no mask tensor: the kernels apply s <= p themselves, and SDPA gets its
+causal flag (T == S) or a mask built for the call. Slots are cache indices, not RoPE positions
+(those differ after an image; see model/positions.py).
 """
 
 from __future__ import annotations
@@ -59,48 +62,49 @@ class Attention(nn.Module):
         q, k = rotate_text(q, cos[:, -Tq:], sin[:, -Tq:]), rotate_text(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, Hkv, S, D)
-        if keep_last:
-            mask = last_rows_mask(mask, cache_position, k.shape[2], keep_last)
+        S = k.shape[2]
+        if keep_last and mask is not None:
+            mask = mask[:, :, -keep_last:]  # (None stays None: the kept queries are the last ones)
         k, v = k.to(q.dtype), v.to(q.dtype)
         if Tq <= DECODE_MAX_QUERIES and kernels.attn_decode_applies(q, k, v, mask):
             out = kernels.attn_decode(q, k, v, mask)  # a decode step: one pass over the cache
         elif mask is None and kernels.flash_attn_applies(q, k, v):
-            out = kernels.flash_attn(q, k, v, causal=True)  # a prefill on AVX512-BF16 (T == S here)
+            out = kernels.flash_attn(q, k, v, causal=True)  # a prefill on AVX512-BF16, aligned to the end
         else:
+            if mask is None and Tq < S:  # SDPA's own causal flag would align the queries with the first keys
+                mask = causal_rows(cache_position[-Tq:], S)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=self.n_heads != self.n_kv_heads)  # (B, Hq, Tq, D)
         out = out.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim)  # (B, Tq, Hq*D)
         return self.o_proj(out)
 
 
-def last_rows_mask(mask: torch.Tensor | None, cache_position: torch.Tensor, num_slots: int, n: int) -> torch.Tensor:
-    """The rows of the last n queries of a (B|1, 1, T, S) mask; where the mask was None (plain
-    causal), built from their slots: SDPA's own causal flag would align a short query block with
-    the first keys, not the last."""
-    if mask is not None:
-        return mask[:, :, -n:]
-    slots = torch.arange(num_slots, device=cache_position.device)
-    return (slots[None, :] <= cache_position[-n:, None])[None, None]  # (1, 1, n, S)
+def causal_rows(positions: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(1, 1, n, S) bool: the query at cache slot p sees slots 0..p (``positions`` (n,) are slots)."""
+    slots = torch.arange(num_slots, device=positions.device)
+    return (slots[None, :] <= positions[:, None])[None, None]
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor,
                          num_slots: int, cached: bool) -> torch.Tensor | None:
-    """Boolean mask (B|1, 1, T, S) over key slots, or None when plain causal attention suffices
-    (no padding, and the T new tokens are all the slots: no cache, or a prefill into an empty one).
+    """Boolean mask (B|1, 1, T, S) over key slots, or None when plain causal attention aligned to
+    the end suffices: no padding, and the T new tokens are the last T slots in order (a prefill
+    into an empty cache or none, a decode step, a follow-up turn), so query i sees slots
+    0..S-T+i. Attention then builds no mask at all (its kernels take that rule directly).
 
     attention_mask: (B, L) with 1 for real tokens, 0 for padding, covering slots 0..L-1
     (L <= S; slots beyond L count as real). cache_position: (T,) slot of every new token.
     A padded query row would see nothing at all; it is allowed its own slot so SDPA stays finite.
     """
+    del cached  # the rule above holds with or without a cache
     padded = attention_mask is not None and not bool(attention_mask.all())
     T = cache_position.shape[0]
-    fresh = cached and num_slots == T and torch.equal(cache_position, torch.arange(T, device=cache_position.device))
-    if (fresh or not cached) and not padded:
-        return None  # new tokens fill slots 0..T-1 in order: SDPA's own causal path, no mask tensor
-    slots = torch.arange(num_slots, device=cache_position.device)
-    allowed = slots[None, :] <= cache_position[:, None]  # (T, S)
-    allowed = allowed[None, None]  # (1, 1, T, S)
+    at_end = torch.equal(cache_position, torch.arange(num_slots - T, num_slots, device=cache_position.device))
+    if at_end and not padded:
+        return None
+    allowed = causal_rows(cache_position, num_slots)  # (1, 1, T, S)
     if padded:
+        slots = torch.arange(num_slots, device=cache_position.device)
         keep = attention_mask.bool()
         if keep.shape[1] < num_slots:
             keep = F.pad(keep, (0, num_slots - keep.shape[1]), value=True)

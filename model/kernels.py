@@ -343,14 +343,16 @@ def _attn_decode(lib, q, k, v, mask, scale: float, threads: int) -> torch.Tensor
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     out = torch.empty(B, T, Hq, D, dtype=torch.bfloat16)
-    mask = mask.expand(mask.shape[0], 1, T, S)
-    if mask.stride(-1) != 1:
-        mask = mask.contiguous()
+    mask_ptr, msB, msT = None, 0, 0
+    if mask is not None:
+        mask = mask.expand(mask.shape[0], 1, T, S)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mask_ptr, msB, msT = mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2)
     status = lib.bf16_attn_decode(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), B, Hq, Hkv, T, S, D,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask_ptr, B, Hq, Hkv, T, S, D,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2),
-        scale, out.data_ptr(), threads)
+        v.stride(0), v.stride(1), v.stride(2), msB, msT, scale, out.data_ptr(), threads)
     if status != 0:
         raise RuntimeError(f"bf16_attn_decode returned {status}")
     return out.transpose(1, 2)  # (B, Hq, T, D), a view of (B, T, Hq, D)
@@ -359,26 +361,27 @@ def _attn_decode(lib, q, k, v, mask, scale: float, threads: int) -> torch.Tensor
 def attn_decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether ``attn_decode`` takes these: bf16 CPU q (B, Hq, T, D), k and v (B, Hkv, S, D) with
     unit stride along D, Hq a multiple of Hkv with at most ATTN_MAX_ROWS query rows per kv head
-    (decode: T = 1 or a few), D a multiple of 8 up to ATTN_MAX_D, a bool mask (B|1, 1, T|1, S),
-    nothing autograd tracks, and the library loaded."""
-    if not (q.dim() == 4 and k.dim() == 4 and v.shape == k.shape and mask is not None and mask.dim() == 4):
+    (decode: T = 1 or a few), D a multiple of 8 up to ATTN_MAX_D, a bool mask (B|1, 1, T|1, S) or
+    None (causal aligned to the end), nothing autograd tracks, and the library loaded."""
+    if not (q.dim() == 4 and k.dim() == 4 and v.shape == k.shape and (mask is None or mask.dim() == 4)):
         return False
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    mask_ok = mask is None or (mask.dtype == torch.bool and mask.is_cpu and mask.shape[0] in (1, B)
+                               and mask.shape[1] == 1 and mask.shape[2] in (1, T) and mask.shape[3] == S)
     return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.is_cpu and k.is_cpu and v.is_cpu
-            and mask.dtype == torch.bool and mask.is_cpu and mask.shape[0] in (1, B) and mask.shape[1] == 1
-            and mask.shape[2] in (1, T) and mask.shape[3] == S and k.shape[0] == B and k.shape[3] == D
+            and mask_ok and T <= S and k.shape[0] == B and k.shape[3] == D
             and Hkv > 0 and Hq % Hkv == 0 and (Hq // Hkv) * T <= ATTN_MAX_ROWS and 0 < D <= ATTN_MAX_D
             and D % 8 == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and _ops_library() is not None)
 
 
-def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 scale: float | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)`` for a few
     queries (a decode step), in fp32 with one rounding to bf16; a query that sees no key gets
-    zeros. Returns (B, Hq, T, D) as a view of a contiguous (B, T, Hq, D) tensor (what the output
+    zeros. mask None: query t of T sees key slots 0 .. S - T + t (the new tokens are the last T). Returns (B, Hq, T, D) as a view of a contiguous (B, T, Hq, D) tensor (what the output
     projection wants). Raises ValueError unless ``attn_decode_applies``."""
     if not attn_decode_applies(q, k, v, mask):
         raise ValueError(f"attn_decode does not take q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, mask "

@@ -147,12 +147,12 @@ def test_attn_decode_broadcast_mask_threads_and_blind_rows():
 def test_attn_decode_declines_what_it_does_not_take():
     q, k = torch.randn(1, 20, 1, 128).bfloat16(), torch.randn(1, 4, 9, 128).bfloat16()
     mask = torch.ones(1, 1, 1, 9, dtype=torch.bool)
-    assert not kernels.attn_decode_applies(q, k, k, None)  # causal without a mask: SDPA's job
+    assert not kernels.attn_decode_applies(torch.randn(1, 20, 2, 128).bfloat16(), k[:, :, :1], k[:, :, :1], None)
     assert not kernels.attn_decode_applies(q.float(), k.float(), k.float(), mask)
     assert not kernels.attn_decode_applies(torch.randn(1, 20, 1, 12).bfloat16(), k[..., :12], k[..., :12], mask)
     assert not kernels.attn_decode_applies(torch.randn(1, 20, 4, 128).bfloat16(), k, k, mask.expand(1, 1, 4, 9))
     with pytest.raises(ValueError, match="attn_decode does not take"):
-        kernels.attn_decode(q, k, k, None)
+        kernels.attn_decode(q.float(), k.float(), k.float(), None)
 
 
 # --- flash_attn: many queries (prefill, vision) on AVX512-BF16 ----------------------------------
@@ -198,3 +198,16 @@ def test_flash_attn_threads_agree_and_misuse_is_refused():
     assert not kernels.flash_attn_applies(q.float(), k.float(), v.float())
     with pytest.raises(ValueError, match="flash_attn does not take"):
         kernels.flash_attn(q[:, :3], k[:, :2], v[:, :2])  # 3 query heads over 2 kv heads
+
+
+@needs_ops
+@pytest.mark.parametrize("T,S", [(1, 1), (1, 50), (2, 70), (3, 3)])
+def test_attn_decode_without_a_mask_is_causal_aligned_to_the_end(T, S):
+    """mask None: the T new tokens are the last T slots; query t sees slots 0 .. S - T + t."""
+    gen = torch.Generator().manual_seed(T * 100 + S)
+    q = torch.randn(1, 4, T, 32, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 2, S, 32, generator=gen).bfloat16() for _ in range(2))
+    explicit = (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None])[None, None]
+    assert torch.equal(kernels.attn_decode(q, k, v, None), kernels.attn_decode(q, k, v, explicit))
+    torch.testing.assert_close(kernels.attn_decode(q, k, v, None).float(), _sdpa_fp32(q, k, v, explicit),
+                               rtol=2 ** -7, atol=2e-3)

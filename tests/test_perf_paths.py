@@ -308,3 +308,37 @@ def test_flash_prefill_and_vision_attention_stay_as_close_to_fp32_as_sdpa(monkey
     err_fast, err_plain = (fast - ref).abs(), (plain - ref).abs()
     assert float(err_fast.mean()) <= 1.25 * float(err_plain.mean())
     assert float(err_fast.max()) <= 1.25 * float(err_plain.max()) + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_follow_up_prefill_into_the_cache_equals_one_prefill(monkeypatch, dtype):
+    """A second turn: 24 tokens prefilled into a cache that holds 40 already. Its logits equal
+    those of one 64-token prefill (fp32: SDPA with the end-aligned causal mask built per layer;
+    bf16: the flash kernel's causal offset where it runs, else the same mask), and in bf16 the
+    kernel route agrees with SDPA to bf16 noise."""
+    from model.kv_cache import StaticKVCache
+
+    model = _bf16_model("A") if dtype == torch.bfloat16 else ErnieVL(our_config("A")).eval()
+    if dtype == torch.float32:
+        randomize_(model, 0)
+    ids = torch.randint(11, 1000, (1, 64), generator=torch.Generator().manual_seed(3))
+
+    def two_turns():
+        cache = StaticKVCache(model.config.text, 1, 80, dtype, torch.device("cpu"))
+        with torch.no_grad():
+            model(input_ids=ids[:, :40], past_key_values=cache, logits_to_keep=1)
+            return model(input_ids=ids[:, 40:], past_key_values=cache,
+                         attention_mask=torch.ones(1, 64, dtype=torch.long)).logits.float()
+
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits[:, 40:].float()
+    split = two_turns()
+    if dtype == torch.float32:
+        torch.testing.assert_close(split, whole, atol=1e-4, rtol=1e-4)
+        return
+    monkeypatch.setattr(kernels, "flash_attn_applies", lambda *a: False)
+    monkeypatch.setattr(kernels, "attn_decode_applies", lambda *a: False)
+    plain = two_turns()
+    scale = float(whole.abs().max())
+    torch.testing.assert_close(split, plain, atol=0.05 * scale, rtol=0.05)
+    torch.testing.assert_close(split, whole, atol=0.05 * scale, rtol=0.05)

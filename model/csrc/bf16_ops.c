@@ -87,7 +87,8 @@ int bf16_rope_half(const uint16_t *x, int64_t N, int64_t G, int64_t D, int64_t s
 /* --- attn_decode: attention of a few queries over the KV cache (decode steps) -----------------
 
    q (B, Hq, T, D), k and v (B, Hkv, S, D), all bf16 with unit stride along D and any other
-   strides (element counts); Hq = G * Hkv, query head h reads kv head h / G. mask (B|1, 1, T, S)
+   strides (element counts); Hq = G * Hkv, query head h reads kv head h / G. mask NULL: causal
+   aligned to the end (query t sees slots 0 .. S - T + t); else (B|1, 1, T, S)
    bool as bytes, msB (0 when broadcast over the batch) and msT its strides; true = visible.
    out (B, T, Hq, D) bf16 contiguous: what the output projection reads.
 
@@ -153,7 +154,8 @@ static void attn_task(const uint16_t *q, const uint16_t *k, const uint16_t *v, c
         for (int64_t j = 0; j < nb; j++) {
             widen_row(k + (s0 + j) * ksS, D, kvf);
             for (int64_t r = 0; r < R; r++) {
-                if (!mask[(r % T) * msT + s0 + j]) {
+                int visible = mask ? mask[(r % T) * msT + s0 + j] : s0 + j <= S - T + r % T;
+                if (!visible) {
                     p[r][j] = -INFINITY;
                     continue;
                 }
@@ -222,7 +224,7 @@ int bf16_attn_decode(const uint16_t *q, const uint16_t *k, const uint16_t *v, co
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (parallel)
     for (int64_t task = 0; task < tasks; task++) {
         int64_t b = task / Hkv, hk = task % Hkv;
-        attn_task(q + b * qsB + hk * G * qsH, k + b * ksB + hk * ksH, v + b * vsB + hk * vsH, mask + b * msB,
+        attn_task(q + b * qsB + hk * G * qsH, k + b * ksB + hk * ksH, v + b * vsB + hk * vsH, mask ? mask + b * msB : 0,
                   G, T, S, D, qsH, qsT, ksS, vsS, msT, scale, out + b * T * osT, osT, hk * G);
     }
     return 0;
