@@ -71,9 +71,10 @@ class Attention(nn.Module):
         elif mask is None and kernels.flash_attn_applies(q, k, v):
             out = kernels.flash_attn(q, k, v, causal=True)  # a prefill on AVX512-BF16, aligned to the end
         else:
-            if mask is None and Tq < S:  # SDPA's own causal flag would align the queries with the first keys
-                mask = causal_rows(cache_position[-Tq:], S)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+            causal = mask is None and Tq > 1  # one query aligned to the end sees every slot
+            if causal and Tq < S:  # SDPA's own causal flag would align the queries with the first keys
+                mask, causal = causal_rows(cache_position[-Tq:], S), False
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                  enable_gqa=self.n_heads != self.n_kv_heads)  # (B, Hq, Tq, D)
         out = out.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim)  # (B, Tq, Hq*D)
         return self.o_proj(out)
