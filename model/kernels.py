@@ -121,13 +121,18 @@ def has_avx512_bf16() -> bool:
     return bool(check is not None and check())
 
 
-def load_build(dp: bool) -> ctypes.CDLL:
-    """Build (or find in the cache) and load one of the two GEMV builds; raises on failure."""
+def _compile_and_load(source: Path, flags: tuple[str, ...]) -> ctypes.CDLL:
+    """Build ``source`` with ``flags`` (or find the cached build) and load it; raises on failure."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
+    return ctypes.CDLL(str(build(compiler, source_file=source, flags=flags)))
+
+
+def load_build(dp: bool) -> ctypes.CDLL:
+    """Build (or find in the cache) and load one of the two GEMV builds; raises on failure."""
     source, flags = (DP_SOURCE, DP_FLAGS) if dp else (SOURCE, FLAGS)
-    lib = ctypes.CDLL(str(build(compiler, source_file=source, flags=flags)))
+    lib = _compile_and_load(source, flags)
     for name in ("bf16_gemv", "bf16_gemv_f32"):
         getattr(lib, name).argtypes = _ARGTYPES
         getattr(lib, name).restype = ctypes.c_int
@@ -265,10 +270,7 @@ ops_unavailable_reason = ""
 
 
 def _load_ops() -> ctypes.CDLL:
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
-    lib = ctypes.CDLL(str(build(compiler, source_file=OPS_SOURCE, flags=OPS_FLAGS)))
+    lib = _compile_and_load(OPS_SOURCE, OPS_FLAGS)
     lib.bf16_rope_half.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int]
     lib.bf16_rope_half.restype = ctypes.c_int
     lib.bf16_attn_decode.argtypes = [_ptr, _ptr, _ptr, _ptr] + [_i64] * 17 + [ctypes.c_float, _ptr, _int]
@@ -417,10 +419,7 @@ def has_amx() -> bool:
 def _load_amx() -> ctypes.CDLL:
     if not has_amx():
         raise RuntimeError("no AMX-BF16 on this CPU")
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
-    lib = ctypes.CDLL(str(build(compiler, source_file=AMX_SOURCE, flags=AMX_FLAGS)))
+    lib = _compile_and_load(AMX_SOURCE, AMX_FLAGS)
     lib.bf16_amx_linear.argtypes = _ARGTYPES
     lib.bf16_amx_linear.restype = ctypes.c_int
     lib.bf16_amx_init.restype = ctypes.c_int
@@ -485,10 +484,7 @@ FLASH_MAX_D = 256  # head dims the C code takes: multiples of 16 up to this
 def _load_flash() -> ctypes.CDLL:
     if not has_avx512_bf16():
         raise RuntimeError("no AVX512-BF16 on this CPU")
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
-    lib = ctypes.CDLL(str(build(compiler, source_file=FLASH_SOURCE, flags=DP_FLAGS)))
+    lib = _compile_and_load(FLASH_SOURCE, DP_FLAGS)
     lib.bf16_flash_attn.argtypes = [_ptr, _ptr, _ptr] + [_i64] * 15 + [_int, _i64, ctypes.c_float, _ptr, _int]
     lib.bf16_flash_attn.restype = ctypes.c_int
     return lib
