@@ -48,7 +48,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache=None, cache_position: torch.Tensor | None = None,
                 keep_last: int = 0) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H). mask: bool (B, 1, T, S) or None for plain causal.
+        """x (B, T, H) -> (B, T, H). mask: bool (B, 1, T, S), or None for causal attention with
+        the T new tokens in the last T slots (see ``build_attention_mask``).
 
         keep_last = n > 0: keys and values of all T tokens (and the cache) as usual, but queries
         and the output only for the last n tokens, (B, n, H) (see ``TextDecoder.forward``).
