@@ -513,6 +513,10 @@ def _flash_call(lib, q, k, v, causal: bool, offset: int, scale: float, threads: 
     status = lib.bf16_flash_attn(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, Hq, k.shape[1], T, k.shape[2], D,
                                  *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], int(causal), offset, scale,
                                  out.data_ptr(), threads)
+    if status == 2:  # no memory for the repacked keys and values: torch's kernel needs none
+        S = k.shape[2]
+        mask = (torch.arange(S)[None, :] <= torch.arange(T)[:, None] + offset) if causal else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     if status != 0:
         raise RuntimeError(f"bf16_flash_attn returned {status}")
     return out.transpose(1, 2)  # (B, Hq, T, D), a view of (B, T, Hq, D)

@@ -211,3 +211,19 @@ def test_attn_decode_without_a_mask_is_causal_aligned_to_the_end(T, S):
     assert torch.equal(kernels.attn_decode(q, k, v, None), kernels.attn_decode(q, k, v, explicit))
     torch.testing.assert_close(kernels.attn_decode(q, k, v, None).float(), _sdpa_fp32(q, k, v, explicit),
                                rtol=2 ** -7, atol=2e-3)
+
+
+def test_flash_attn_falls_back_to_torch_when_the_kernel_has_no_memory():
+    """Status 2 (no memory for the repacked k/v): the same attention through SDPA, same alignment."""
+    class NoMemory:
+        @staticmethod
+        def bf16_flash_attn(*args):
+            return 2
+
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 4, 5, 16, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 2, 9, 16, generator=gen).bfloat16() for _ in range(2))
+    out = kernels._flash_call(NoMemory, q, k, v, True, 4, 0.25, 1)
+    mask = torch.arange(9)[None, :] <= torch.arange(5)[:, None] + 4
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    assert torch.equal(out, want)
