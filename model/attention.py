@@ -88,7 +88,7 @@ def causal_rows(positions: torch.Tensor, num_slots: int) -> torch.Tensor:
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor,
-                         num_slots: int, cached: bool) -> torch.Tensor | None:
+                         num_slots: int) -> torch.Tensor | None:
     """Boolean mask (B|1, 1, T, S) over key slots, or None when plain causal attention aligned to
     the end suffices: no padding, and the T new tokens are the last T slots in order (a prefill
     into an empty cache or none, a decode step, a follow-up turn), so query i sees slots
@@ -98,7 +98,6 @@ def build_attention_mask(attention_mask: torch.Tensor | None, cache_position: to
     (L <= S; slots beyond L count as real). cache_position: (T,) slot of every new token.
     A padded query row would see nothing at all; it is allowed its own slot so SDPA stays finite.
     """
-    del cached  # the rule above holds with or without a cache
     padded = attention_mask is not None and not bool(attention_mask.all())
     T = cache_position.shape[0]
     at_end = torch.equal(cache_position, torch.arange(num_slots - T, num_slots, device=cache_position.device))

@@ -383,7 +383,8 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
                 scale: float | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)`` for a few
     queries (a decode step), in fp32 with one rounding to bf16; a query that sees no key gets
-    zeros. mask None: query t of T sees key slots 0 .. S - T + t (the new tokens are the last T). Returns (B, Hq, T, D) as a view of a contiguous (B, T, Hq, D) tensor (what the output
+    zeros. mask None: query t of T sees key slots 0 .. S - T + t (the new tokens are the last T).
+    Returns (B, Hq, T, D) as a view of a contiguous (B, T, Hq, D) tensor (what the output
     projection wants). Raises ValueError unless ``attn_decode_applies``."""
     if not attn_decode_applies(q, k, v, mask):
         raise ValueError(f"attn_decode does not take q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, mask "

@@ -72,7 +72,7 @@ class VisionAttention(nn.Module):
             # frames of one image/video share a length: batch them, (frames, Hd, length, D)
             qs, ks, vs = (t[start:end].view(frames, length, self.num_heads, self.head_dim).transpose(1, 2)
                           for t in (q, k, v))
-            if kernels.flash_attn_applies(qs, ks, vs):  # AVX512-BF16 CPU: 20 ms against torch's 35 at 1024 x 16 x 80
+            if kernels.flash_attn_applies(qs, ks, vs):  # AVX512-BF16 CPU: 1024 x 16 x 80 in 20 ms, SDPA 35
                 o = kernels.flash_attn(qs, ks, vs)
             else:
                 o = F.scaled_dot_product_attention(qs, ks, vs)  # (frames, Hd, length, D)

@@ -30,4 +30,20 @@ static inline void store(void *y, int y_f32, int64_t idx, float v) {
         ((uint16_t *)y)[idx] = f32_to_bf16(v);
 }
 
+/* e^x as the vector kernels compute it (exp8 in bf16_ops.c, exp16 in bf16_flash.c): x clamped to
+   [EXP_MIN, EXP_MAX], n = round(x * log2(e)), r = x - n * ln 2 (ln 2 in two parts, so r is
+   exact), e^r = 1 + r + r^2 * (EXP_P5 + r * (EXP_P4 + ... r * EXP_P0)), then 2^n * e^r;
+   relative error ~2e-7. */
+#define EXP_MIN (-87.3f)
+#define EXP_MAX 88.7f
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO (-2.12194440e-4f)
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+
 #endif

@@ -19,23 +19,25 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16_common.h"
+
 #define QR 8     /* query rows per block */
 #define KB 64    /* keys per online-softmax step */
 #define MAX_D 256
 
-static inline __m512 exp16(__m512 x) { /* e^x, |rel. error| ~2e-7; -inf gives 0 */
+static inline __m512 exp16(__m512 x) { /* e^x as in bf16_common.h; -inf gives 0 */
     __mmask16 neg_inf = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_MIN)), _mm512_set1_ps(EXP_MAX));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+    __m512 y = _mm512_set1_ps(EXP_P0);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P1));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P2));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P3));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P4));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P5));
     y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_maskz_mov_ps((__mmask16)~neg_inf, _mm512_scalef_ps(y, n));
 }
@@ -100,7 +102,7 @@ static inline __attribute__((always_inline)) void pv_rows(const int32_t *p32, in
 }
 
 /* QR query rows i0.. (n_real of them real) of one head over all visible keys. */
-static void query_block(const uint16_t *q, int64_t qsT, int64_t n_real, int64_t i0, int64_t T, int64_t S,
+static void query_block(const uint16_t *q, int64_t qsT, int64_t n_real, int64_t i0, int64_t S,
                         int64_t D, const uint16_t *kp, const uint16_t *vp, int causal, int64_t offset,
                         float scale, uint16_t *out, int64_t osT) {
     const int64_t P = D / 2;
@@ -113,7 +115,6 @@ static void query_block(const uint16_t *q, int64_t qsT, int64_t n_real, int64_t 
         l[r] = 0.0f;
     }
     memset(o, 0, sizeof(float) * QR * D);
-    (void)T;
     int64_t end = S; /* keys past the last row's horizon are never visible */
     if (causal) {
         int64_t last = i0 + n_real - 1 + offset + 1;
@@ -193,7 +194,7 @@ int bf16_flash_attn(const uint16_t *q, const uint16_t *k, const uint16_t *v, int
         int64_t qb = task % qblocks, bh = task / qblocks, b = bh / Hq, h = bh % Hq;
         int64_t i0 = qb * QR, n = T - i0 < QR ? T - i0 : QR;
         int64_t kvh = b * Hkv + h / G;
-        query_block(q + b * qsB + h * qsH + i0 * qsT, qsT, n, i0, T, S, D, packed + 2 * kvh * Sp * D,
+        query_block(q + b * qsB + h * qsH + i0 * qsT, qsT, n, i0, S, D, packed + 2 * kvh * Sp * D,
                     packed + (2 * kvh + 1) * Sp * D, causal, offset, scale, out + (b * T + i0) * osT + h * D, osT);
     }
     free(packed);
