@@ -22,7 +22,8 @@ def world(tmp_path_factory):
     from tests.helpers.tokenizer import make_tiny_processor_dir
 
     root = tmp_path_factory.mktemp("chat")
-    config = tiny()
+    # a long context, so that an answer can be made long enough to be stopped by Ctrl-C however fast this machine is
+    config = tiny(max_position_embeddings=1 << 17)
     make_checkpoint_from_ours(root / "ckpt", random_state(config, seed=5), config, layout="baidu")
     make_tiny_processor_dir(root / "ckpt", image_kwargs=dict(max_pixels=28 * 28 * 16))
     (root / "cat.png").write_bytes(encode(make_image("RGB", 64, 48), "PNG"))
@@ -57,7 +58,8 @@ def test_repl_commands_interrupt_save_load(world):
     child.sendline('line two"""')
     child.expect_exact(PROMPT)
     # a long answer, stopped with Ctrl-C: the session survives and keeps what was generated
-    _command(child, "/set max_new_tokens=1900", "max_new_tokens=1900")
+    # 100000 tokens take minutes even at thousands per second; the answer starts well within the 3 s
+    _command(child, "/set max_new_tokens=100000", "max_new_tokens=100000")
     child.sendline("tell me everything")
     child.expect_exact("tell me everything")  # the terminal's echo
     time.sleep(3)  # let the answer start
@@ -71,7 +73,7 @@ def test_repl_commands_interrupt_save_load(world):
     assert saved["messages"][0]["content"][1] == {"type": "image", "image": "cat.png"}
     assert saved["messages"][2]["content"][0]["text"] == "line one\nline two"
     assert saved["messages"][5]["content"][0]["text"] != ""  # the partial answer
-    assert saved["settings"]["max_new_tokens"] == 1900
+    assert saved["settings"]["max_new_tokens"] == 100000
     _command(child, "/set max_new_tokens=4", "max_new_tokens=4")
     _command(child, "/undo", "removed the last exchange")
     child.sendline("/regen")
