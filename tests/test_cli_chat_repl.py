@@ -13,6 +13,8 @@ from tests.helpers.media import encode, make_image
 pexpect = pytest.importorskip("pexpect")
 pytest.importorskip("torch")
 PROMPT = ">>> "
+# an answer this long takes minutes even at thousands of tokens per second: still streaming when Ctrl-C comes
+LONG_ANSWER = 100_000
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +24,7 @@ def world(tmp_path_factory):
     from tests.helpers.tokenizer import make_tiny_processor_dir
 
     root = tmp_path_factory.mktemp("chat")
-    # a long context, so that an answer can be made long enough to be stopped by Ctrl-C however fast this machine is
-    config = tiny(max_position_embeddings=1 << 17)
+    config = tiny(max_position_embeddings=LONG_ANSWER + 4096)  # room for LONG_ANSWER after the prompt
     make_checkpoint_from_ours(root / "ckpt", random_state(config, seed=5), config, layout="baidu")
     make_tiny_processor_dir(root / "ckpt", image_kwargs=dict(max_pixels=28 * 28 * 16))
     (root / "cat.png").write_bytes(encode(make_image("RGB", 64, 48), "PNG"))
@@ -58,8 +59,7 @@ def test_repl_commands_interrupt_save_load(world):
     child.sendline('line two"""')
     child.expect_exact(PROMPT)
     # a long answer, stopped with Ctrl-C: the session survives and keeps what was generated
-    # 100000 tokens take minutes even at thousands per second; the answer starts well within the 3 s
-    _command(child, "/set max_new_tokens=100000", "max_new_tokens=100000")
+    _command(child, f"/set max_new_tokens={LONG_ANSWER}", f"max_new_tokens={LONG_ANSWER}")
     child.sendline("tell me everything")
     child.expect_exact("tell me everything")  # the terminal's echo
     time.sleep(3)  # let the answer start
@@ -73,7 +73,7 @@ def test_repl_commands_interrupt_save_load(world):
     assert saved["messages"][0]["content"][1] == {"type": "image", "image": "cat.png"}
     assert saved["messages"][2]["content"][0]["text"] == "line one\nline two"
     assert saved["messages"][5]["content"][0]["text"] != ""  # the partial answer
-    assert saved["settings"]["max_new_tokens"] == 100000
+    assert saved["settings"]["max_new_tokens"] == LONG_ANSWER
     _command(child, "/set max_new_tokens=4", "max_new_tokens=4")
     _command(child, "/undo", "removed the last exchange")
     child.sendline("/regen")
