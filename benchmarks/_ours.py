@@ -23,7 +23,7 @@ class Side:
 
     def load(self) -> None:
         """Weights through ``load_pretrained`` with its defaults (bf16 as stored), then the processor."""
-        from model.loading import load_pretrained
+        from model import load_pretrained
         from processing.processor import ErnieVLProcessor
 
         self.model = load_pretrained(str(self.checkpoint), dtype="bfloat16", device=str(self.device))
@@ -44,7 +44,7 @@ class Side:
         finally:
             torch.set_default_dtype(previous)
         if self.device.type == "cpu":  # what load_pretrained does on CPU: packed only where it pays
-            from model.packing import pack_for_cpu, packing_pays
+            from model.backends.cpu.packing import pack_for_cpu, packing_pays
             if packing_pays():
                 pack_for_cpu(self.model)
         self.processor = ErnieVLProcessor.from_pretrained(self.checkpoint)
@@ -55,7 +55,7 @@ class Side:
 
     def image_first_token(self, image, prompt: str) -> tuple[float, int]:
         """Seconds from the PIL image to the first generated token, and the prompt length."""
-        from model.generate import GenerationConfig, Step, stream_generate
+        from model.generation.generate import GenerationConfig, Step, stream_generate
 
         start = time.perf_counter()
         inputs = self.processor(text=prompt, images=[image]).to(self.device, torch.bfloat16)
@@ -68,7 +68,7 @@ class Side:
 
     def generate_timed(self, input_ids: torch.Tensor, new_tokens: int) -> tuple[list[float], list[int]]:
         """Greedy, eos ignored (no eos ids configured): exactly ``new_tokens`` timestamps and ids."""
-        from model.generate import GenerationConfig, Step, stream_generate
+        from model.generation.generate import GenerationConfig, Step, stream_generate
 
         config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=())
         times, ids = [], []

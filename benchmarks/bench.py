@@ -109,7 +109,7 @@ def reference_config_dict(config) -> dict:
 
 def baidu_shapes(config) -> dict[str, tuple[int, ...]]:
     """Every tensor of Baidu's original layout with its shape (per-expert, routers [H, E])."""
-    from model.weights import expected_shapes
+    from model.checkpoint.weights import expected_shapes
 
     E, out = config.text.moe_num_experts, {}
     for name, shape in expected_shapes(config).items():
@@ -194,7 +194,7 @@ def ensure_checkpoints(config, random_init: bool) -> tuple[Path, Path]:
 
 
 def _write_small_files(config, ours: Path, ref: Path) -> None:
-    from model.weights import config_to_baidu_dict
+    from model.checkpoint.weights import config_to_baidu_dict
     from tests.helpers.tokenizer import make_tiny_processor_dir
 
     for d in (ours, ref):

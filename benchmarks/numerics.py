@@ -16,7 +16,7 @@ What it does:
    truth sequence, and the fp32 logits of every step), and runs prompt + truth through one
    forward (the fp32 teacher-forced logits);
 3. then, one model at a time, each bf16 side: ernie as the CLI loads it (with the compiled
-   CPU kernels of model/kernels.py where they run, and again with them all disabled as
+   CPU kernels of model/backends/cpu/kernels.py where they run, and again with them all disabled as
    ``ERNIE_NO_KERNELS=1`` does), and
    the transformers 5.23 reference as bench.py loads it. Each one
    - teacher-forced, one forward: prompt + truth (the prefill route, many rows per matmul);
@@ -72,8 +72,8 @@ def ernie_decode(net, prompt: torch.Tensor, n: int, forced: torch.Tensor | None 
     """ernie's own decode loop (``stream_generate``), greedy or fed ``forced`` tokens.
 
     Returns (the n chosen ids, the (n, V) fp32 logits each step saw). The loop is untouched; only
-    its token choice (``model.generate.sample_next``) is wrapped to record the logits."""
-    import model.generate as gen
+    its token choice (``model.generation.generate.sample_next``) is wrapped to record the logits."""
+    import model.generation.generate as gen
 
     real, seen_logits = gen.sample_next, []
 
@@ -94,7 +94,7 @@ def ernie_decode(net, prompt: torch.Tensor, n: int, forced: torch.Tensor | None 
 
 def set_kernels(enabled: bool) -> None:
     """What ``ERNIE_NO_KERNELS=1`` does at start-up, switched within this process."""
-    from model import kernels
+    from model.backends.cpu import kernels
 
     if enabled:
         os.environ.pop("ERNIE_NO_KERNELS", None)
@@ -177,7 +177,7 @@ def run(args) -> dict:
     report: dict = {"layers": args.layers, "vision_blocks": args.vision_blocks, "prompt_tokens": P,
                     "new_tokens": N, "threads": torch.get_num_threads(), "seconds": {}, "variants": {}}
 
-    from model.loading import load_pretrained
+    from model import load_pretrained
 
     start = time.perf_counter()
     net = load_pretrained(str(ours_dir), dtype="float32", device="cpu")

@@ -141,7 +141,7 @@ def read_bandwidth(rounds: int) -> float:
 
 def time_product(row: dict, rounds: int) -> float:
     """The faster of torch's product on M rows and on M zero-padded to a multiple of 16 (oneDNN's
-    blocking is poor for some row counts; model/linear.py pads the same way)."""
+    blocking is poor for some row counts; model/backends/cpu/linear.py pads the same way)."""
     w = torch.randn(row["N"], row["K"]).to(torch.bfloat16)
     best = float("inf")
     for M in {row["M"], -(-row["M"] // 16) * 16 if row["M"] > 16 else row["M"]}:
@@ -153,7 +153,7 @@ def time_product(row: dict, rounds: int) -> float:
 def time_attention(row: dict, rounds: int) -> tuple[float, str]:
     """The fastest of SDPA, the two batched products alone (no softmax) and, where it applies,
     ernie's flash kernel; a causal product is charged half (a causal kernel skips half the blocks)."""
-    from model import kernels
+    from model.backends.cpu import kernels
 
     q = torch.randn(1, row["Hq"], row["T"], row["D"]).to(torch.bfloat16)
     k = torch.randn(1, row["Hkv"], row["T"], row["D"]).to(torch.bfloat16)

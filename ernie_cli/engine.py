@@ -79,15 +79,15 @@ class TorchEngine:
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, options: LoadOptions, media: MediaOptions) -> None:
-        from model.hub import resolve
+        from model.checkpoint.hub import resolve
 
         start = time.perf_counter()
         root = resolve(str(resolve_model_ref(options.model)), revision=options.revision, offline=options.offline)
         from ernie_cli.memory import check_memory
 
         check_memory(root, options)  # before torch is imported: a hopeless load fails in a second
-        from model.generate import GenerationConfig
-        from model.loading import load_pretrained
+        from model.generation.generate import GenerationConfig
+        from model import load_pretrained
         from processing.processor import ErnieVLProcessor
 
         self.model = load_pretrained(str(root), dtype=options.dtype, device=options.device, offline=True)
@@ -145,7 +145,7 @@ class TorchEngine:
         return self.base_config.replace(**overrides)
 
     def _decode(self, inputs, settings, cancel, turn: _Turn):
-        from model.generate import Done, stream_generate
+        from model.generation.generate import Done, stream_generate
         from processing.detokenize import StreamDecoder
         from processing.thinking import ThinkSplitter
 

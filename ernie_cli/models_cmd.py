@@ -55,7 +55,7 @@ def run_pull(repo: str, revision: str | None, quiet: bool) -> None:
     from huggingface_hub.utils import disable_progress_bars
 
     from ernie_cli.render import stderr_console
-    from model.hub import ALLOW_PATTERNS, KNOWN_REVISIONS
+    from model.checkpoint.hub import ALLOW_PATTERNS, KNOWN_REVISIONS
 
     err = stderr_console()
     disable_progress_bars()

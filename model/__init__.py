@@ -2,12 +2,12 @@
 
 from model.config import ErnieVLConfig
 
-__all__ = ["ErnieVL", "ErnieVLConfig", "ErnieVLOutput"]
+__all__ = ["ErnieVL", "ErnieVLConfig", "ErnieVLOutput", "load_pretrained"]
 
 
 def __getattr__(name: str):
     # Lazy, so `model.errors` / `model.config` stay torch-free for the CLI (`ernie --help`, `ernie info`).
-    if name in ("ErnieVL", "ErnieVLOutput"):
+    if name in ("ErnieVL", "ErnieVLOutput", "load_pretrained"):
         from model import ernie_vl
 
         return getattr(ernie_vl, name)

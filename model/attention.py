@@ -1,5 +1,5 @@
 """Grouped-query self-attention of the text decoder: torch's scaled_dot_product_attention, and on
-CPU the kernels of model/kernels.py for decode steps (one pass over the cache) and, on AVX512-BF16,
+CPU the kernels of model/backends/cpu/kernels.py for decode steps (one pass over the cache) and, on AVX512-BF16,
 for causal prefills (torch's flash kernel ran 1024 tokens at 20/4 heads of 128 in 52 ms, ours 18).
 
 Legend: B = batch, T = new tokens, S = key slots (cached + new), Hq / Hkv = query / key-value
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import kernels
+from model.backends.cpu import kernels
+from model.backends.cpu.linear import Linear
 from model.config import TextConfig
-from model.linear import Linear
 from model.rope import rotate_text
 
 

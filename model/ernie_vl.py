@@ -21,10 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import build_attention_mask
+from model.backends.cpu.packing import vocab_logits
+from model.checkpoint.hub import DEFAULT_REPO
+from model.checkpoint.loading import load_checkpoint
 from model.config import ErnieVLConfig
 from model.errors import ErnieError
+from model.generation.generate import generate
 from model.moe import Experts, Router
-from model.packing import vocab_logits
 from model.positions import decode_positions, get_rope_index
 from model.resampler import Resampler
 from model.text import RMSNorm, TextDecoder
@@ -56,7 +59,7 @@ class ErnieVL(nn.Module):
         self.lm_head = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        # a packed copy of output_weight for CPU bf16 inference (model/packing.py); counted as a buffer
+        # a packed copy of output_weight for CPU bf16 inference (model/backends/cpu/packing.py); counted as a buffer
         self.register_buffer("packed_head", None, persistent=False)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -78,14 +81,16 @@ class ErnieVL(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str, revision: str | None = None, dtype="auto", device="auto"):
-        """Load a checkpoint (implemented in model/loading.py, which imports this module)."""
-        from model.loading import load_pretrained
-        return load_pretrained(path_or_repo_id, revision=revision, dtype=dtype, device=device)
+    def from_pretrained(cls, path_or_repo_id: str = DEFAULT_REPO, revision: str | None = None,
+                        dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+                        offline: bool | None = None, pack: bool = True) -> "ErnieVL":
+        """A checkpoint (local directory or Hub repo id) loaded in eval mode; see
+        ``model.checkpoint.loading.load_checkpoint`` for dtype, device, offline and pack."""
+        return load_checkpoint(cls.from_config, path_or_repo_id, revision=revision, dtype=dtype,
+                               device=device, offline=offline, pack=pack)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Prompt + new token ids (implemented in model/generate.py)."""
-        from model.generate import generate
+        """Prompt + new token ids (model/generation/generate.py)."""
         return generate(self, input_ids, attention_mask, **kwargs)
 
     @torch.no_grad()
@@ -211,6 +216,9 @@ class ErnieVL(nn.Module):
                                   video_grid_thw, attention_mask)
         device = input_ids.device if input_ids is not None else self.output_weight.device
         return decode_positions(B, past_len, T, rope_deltas, attention_mask, device), rope_deltas
+
+
+load_pretrained = ErnieVL.from_pretrained  # ``from model import load_pretrained``
 
 
 def _keep_last(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.backends.cpu.linear import Linear, linear
+from model.backends.cpu.packing import ExpertBank
 from model.config import TextConfig
-from model.linear import Linear, linear
-from model.packing import ExpertBank
 
 # Up to this many (token, expert) slots (decode) a bank runs each chosen expert on views of its
 # weights, grouped on the host; above it (prefill), slots are sorted by expert into segments. No
@@ -68,7 +68,7 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """E SwiGLU experts with stacked weights: gate_up_proj (E, 2I, H) gate rows first, down_proj (E, H, I).
 
-    ``bank`` is None, or an ``ExpertBank`` (model/packing.py) holding one (gate_up, down) pair per
+    ``bank`` is None, or an ``ExpertBank`` (model/backends/cpu/packing.py) holding one (gate_up, down) pair per
     expert: pre-packed after ``pack()`` (CPU bf16 inference), or views of the memory-mapped
     checkpoint from the loader. The stacked parameters are then released, and ``state_dict``
     rebuilds them from the bank.

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.backends.cpu.linear import Linear
 from model.config import ErnieVLConfig
-from model.linear import Linear
 from model.text import RMSNorm
 
 

@@ -20,7 +20,8 @@ from functools import lru_cache
 
 import torch
 
-from model import kernels
+from model.backends.base import rotate_half, rotate_vision_torch  # noqa: F401 (re-exported)
+from model.backends.cpu import kernels
 from model.config import ConfigError, TextConfig, VisionConfig
 
 AXIS_T, AXIS_H, AXIS_W = 0, 1, 2
@@ -88,12 +89,6 @@ def vision_rope(config: VisionConfig, hw_positions: torch.Tensor) -> tuple[torch
     return angles.cos(), angles.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(a, b) -> (-b, a) on the two halves of the last dim."""
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
 def apply_vision_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q, k (N, H, D) with cos/sin (N, D); math in fp32."""
@@ -103,14 +98,7 @@ def apply_vision_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 def rotate_vision(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (N, ..., D) with cos/sin (N, D), e.g. q and k together as (N, 2, H, D): one pass
     over both instead of one each. Math in fp32, the result in x's dtype. bf16 on the CPU goes
-    through the compiled pass of model/kernels.py when it applies (the same numbers, ~5x faster)."""
+    through the compiled pass of model/backends/cpu/kernels.py when it applies (the same numbers, ~5x faster)."""
     if kernels.rope_half_applies(x, cos, sin):
         return kernels.rope_half(x, cos, sin)
     return rotate_vision_torch(x, cos, sin)
-
-
-def rotate_vision_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``rotate_vision`` in torch ops: x*cos + rotate_half(x)*sin in fp32, as x's dtype."""
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)  # (N, 1, ..., D)
-    x32 = x.float()
-    return (x32 * cos.view(shape)).add_(rotate_half(x32).mul_(sin.view(shape))).to(x.dtype)

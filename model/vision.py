@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import kernels
+from model.backends.cpu import kernels
+from model.backends.cpu.linear import Linear
 from model.config import VisionConfig
-from model.linear import Linear
 from model.rope import rotate_vision, vision_rope
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.stats import GenerationStats
+from model.generation.stats import GenerationStats
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def describe(model, processor, media_type: str, path: Path, max_new_tokens: int 
     (earlier chat messages) if given."""
     import torch
 
-    from model.generate import generate
+    from model.generation.generate import generate
 
     messages = list(history or []) + user_turn(media_type, path)
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -132,7 +132,7 @@ def evaluate(model_dir: Path, n_images: int, n_videos: int, seed: int = HELD_OUT
     """Load the checkpoint in ``model_dir`` the way the CLI does, then ``evaluate_loaded``."""
     import torch
 
-    from model.loading import load_pretrained
+    from model import load_pretrained
     from processing.processor import ErnieVLProcessor
 
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 The reference is transformers 5.23 (``Ernie4_5_VLMoeForConditionalGeneration``). Its weights are
 drawn from a seeded generator in the order of a manifest (parameter name, shape, scale, offset)
 that the golden stores, so tests rebuild the very same weights without transformers and map them
-through ``model.weights.to_ours``. Weights are larger than a usual init (std 0.3, random norms and
+through ``model.checkpoint.weights.to_ours``. Weights are larger than a usual init (std 0.3, random norms and
 routing biases) so that greedy decoding produces varied tokens with clear top-2 margins.
 
 Command (from the repository root):
@@ -99,7 +99,7 @@ def checksum(state: dict[str, torch.Tensor]) -> float:
 def ours_from_state(state: dict[str, torch.Tensor], config_name: str):
     from model.config import ErnieVLConfig
     from model.ernie_vl import ErnieVL
-    from model.weights import to_ours
+    from model.checkpoint.weights import to_ours
     model = ErnieVL.from_config(ErnieVLConfig.from_dict(CONFIGS[config_name]), device="meta")
     model.load_state_dict(to_ours(state, model.config), assign=True, strict=True)
     return model.eval()

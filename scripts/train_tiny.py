@@ -156,7 +156,7 @@ def video_processor_config() -> dict:
 
 def write_text_files(out: Path, tok, config) -> None:
     """Everything but the weights: tokenizer, processor configs, font (+ license), configs."""
-    from model.weights import config_to_baidu_dict
+    from model.checkpoint.weights import config_to_baidu_dict
 
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
@@ -179,7 +179,7 @@ def save_weights(out: Path, model, config) -> None:
     """model.safetensors in Baidu's layout (fp32: 8 MB, and no rounding of a tiny model)."""
     from safetensors.torch import save_file
 
-    from model.weights import to_baidu
+    from model.checkpoint.weights import to_baidu
 
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
@@ -384,7 +384,7 @@ def train(args) -> dict:
     processor = ErnieVLProcessor.from_pretrained(args.out)
     model = ErnieVL(config).train()
     if args.init is not None:  # continue from a checkpoint of the same shape (e.g. a longer budget in stages)
-        from model.loading import load_pretrained
+        from model import load_pretrained
 
         model.load_state_dict(load_pretrained(str(args.init), dtype="float32", device="cpu").state_dict())
         log(f"initialised from {args.init}")

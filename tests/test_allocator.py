@@ -1,4 +1,4 @@
-"""Tier 1: model/allocator.py keeps freed large blocks in the process (glibc Linux)."""
+"""Tier 1: model/backends/cpu/allocator.py keeps freed large blocks in the process (glibc Linux)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from model import allocator
+from model.backends.cpu import allocator
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")

@@ -1,7 +1,7 @@
 """`ernie describe` end to end on a tiny random checkpoint: the real executable against the library.
 
 The expected answers come from the library in-process (load_pretrained + processor + greedy
-`model.generate.generate`), which test_generate_parity ties to transformers 5.23.
+`model.generation.generate.generate`), which test_generate_parity ties to transformers 5.23.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def greedy(world):
 
 def _library_answer(root: Path, prompt: str, media: list[tuple[str, str]], fps: float | None = None):
     """(prompt_tokens, text, inputs) for a greedy answer computed in-process."""
-    from model.generate import GenerationConfig, generate
-    from model.loading import load_pretrained
+    from model.generation.generate import GenerationConfig, generate
+    from model import load_pretrained
     from processing.detokenize import StreamDecoder
     from processing.processor import ErnieVLProcessor
     from processing.thinking import ThinkSplitter

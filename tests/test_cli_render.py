@@ -9,7 +9,7 @@ from rich.console import Console
 
 from ernie_cli.engine import Status
 from ernie_cli.render import JsonLinesRenderer, JsonRenderer, MarkdownRenderer, PlainRenderer, make_renderer
-from model.stats import GenerationStats
+from model.generation.stats import GenerationStats
 from processing.events import Finished, TextDelta, ThinkingDelta
 
 ESC = "\x1b"

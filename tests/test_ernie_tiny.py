@@ -203,7 +203,7 @@ def test_follow_up_samples_carry_an_earlier_exchange_and_label_only_the_last_ans
 def tiny():
     """(model, processor) loaded from the shipped files, the way the CLI loads them."""
     torch = pytest.importorskip("torch")
-    from model.loading import load_pretrained
+    from model import load_pretrained
     from processing.processor import ErnieVLProcessor
 
     threads = torch.get_num_threads()

@@ -14,7 +14,7 @@ from torch import nn
 
 from model.config import tiny
 from model.errors import CheckpointError, ContextLengthError, ErnieError
-from model.generate import Done, GenerationConfig, Step, generate, stream_generate
+from model.generation.generate import Done, GenerationConfig, Step, generate, stream_generate
 
 V = 1024
 

@@ -4,7 +4,7 @@ Cases: text, image, two images, video, image + video, a left-padded batch of two
 batch mixing an image prompt with a text prompt (config A; a subset on config B: untied head,
 GQA 6:1, other layer pattern). Goldens come from scripts/make_generate_goldens.py and need no
 transformers: the weights are rebuilt from the golden's seed and manifest (reference names) and
-mapped through model.weights.to_ours. With transformers installed the same comparison also runs
+mapped through model.checkpoint.weights.to_ours. With transformers installed the same comparison also runs
 live against the reference model.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.generate import generate
+from model.generation.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDENS = ROOT / "tests" / "goldens" / "generate"

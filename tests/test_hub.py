@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from model import hub
+from model.checkpoint import hub
+from model.checkpoint.hub import DEFAULT_REPO, TRANSFORMERS_REVISION, resolve
 from model.errors import CheckpointError, ModelNotFoundError
-from model.hub import DEFAULT_REPO, TRANSFORMERS_REVISION, resolve
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -1,4 +1,4 @@
-"""Tier 1: the fused elementwise passes of model/kernels.py (csrc/bf16_ops.c) against torch.
+"""Tier 1: the fused elementwise passes of model/backends/cpu/kernels.py (csrc/bf16_ops.c) against torch.
 
 ``rope_half`` must equal ``model.rope.rotate_vision_torch`` bit for bit: it does the same separate
 fp32 products and sum. Skipped where the library cannot be built; the fallback tests run everywhere.
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import kernels
+from model.backends.cpu import kernels
 from model.rope import rotate_vision, rotate_vision_torch
 
 needs_ops = pytest.mark.skipif(not kernels.ops_available(), reason=f"no fused ops: {kernels.ops_unavailable_reason}")

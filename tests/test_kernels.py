@@ -1,4 +1,4 @@
-"""Tier 1: the compiled bf16 GEMV of model/kernels.py against fp32 F.linear (the fused elementwise
+"""Tier 1: the compiled bf16 GEMV of model/backends/cpu/kernels.py against fp32 F.linear (the fused elementwise
 passes: tests/test_kernel_ops.py).
 
 The kernel sums in fp32 and rounds once to bf16, so it may differ from the fp32 product by half
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import kernels
+from model.backends.cpu import kernels
 from model.rope import rotate_vision, rotate_vision_torch
 
 needs_kernel = pytest.mark.skipif(not kernels.gemv_available(), reason=f"no bf16 GEMV: {kernels.unavailable_reason}")

@@ -5,7 +5,7 @@ import torch
 
 from model.config import tiny
 from model.errors import ContextLengthError
-from model.kv_cache import StaticKVCache
+from model.generation.kv_cache import StaticKVCache
 
 TEXT = tiny().text  # 3 layers, 2 kv heads, head_dim 16
 

@@ -1,4 +1,4 @@
-"""Tier 1-3: the bf16 linear routing of model/linear.py.
+"""Tier 1-3: the bf16 linear routing of model/backends/cpu/linear.py.
 
 On a CPU without native bf16 arithmetic, products with many rows run in fp32 on an upcast weight
 and products with a few rows go to the bf16 GEMV kernel; everything else is ``F.linear``. Each
@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import ErnieVL, kernels
-from model import linear as lin
-from model import moe
-from model.generate import GenerationConfig, generate
+from model import ErnieVL, moe
+from model.backends.cpu import kernels
+from model.backends.cpu import linear as lin
+from model.generation.generate import GenerationConfig, generate
 from tests.helpers.reference import make_inputs, our_config, randomize_
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from model import load_pretrained
+from model.checkpoint.loading import SafetensorsCheckpoint
+from model.checkpoint.weights import to_baidu
 from model.config import ErnieVLConfig
-from model.errors import CheckpointError, ErnieError
 from model.ernie_vl import ErnieVL
-from model.loading import SafetensorsCheckpoint, load_pretrained
-from model.weights import to_baidu
+from model.errors import CheckpointError, ErnieError
 from tests.helpers.checkpoints import (GOLDEN_DIR, make_baidu_checkpoint, make_checkpoint_from_ours,
                                        make_reference_checkpoint, random_state, read_checkpoint, write_shards)
 from tests.tiny_configs import CONFIG_A, CONFIG_B
@@ -186,7 +187,7 @@ def test_tensor_mismatches_in_one_error(tmp_path):
     state["model.layers.3.mlp.gate.weight"] = torch.zeros(6, 48)  # transposed by mistake
     state["vision_model.extra.weight"] = torch.zeros(2)
     write_shards(tmp_path, state)
-    from model.weights import config_to_baidu_dict
+    from model.checkpoint.weights import config_to_baidu_dict
     (tmp_path / "config.json").write_text(json.dumps(config_to_baidu_dict(cfg)))
     with pytest.raises(CheckpointError) as e:
         _load(tmp_path)

@@ -6,7 +6,7 @@ experts, 1 vs 2 shared experts, different mrope sections and vision widths) and 
 batch of two) laid out exactly as the reference processor lays them out.
 
 * Goldens (always): reference weights saved by scripts/make_model_goldens.py in Baidu's names,
-  loaded through model.weights.to_ours; logits, loss (with the aux term), aux_loss and the 3D
+  loaded through model.checkpoint.weights.to_ours; logits, loss (with the aux term), aux_loss and the 3D
   positions must match what the reference produced.
 * Live (when transformers is installed): a freshly seeded reference, full logits, every MoE
   layer's router logits, loss and aux_loss.

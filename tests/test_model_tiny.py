@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from model import ErnieVL
+from model.checkpoint.weights import expected_shapes
 from model.config import tiny
 from model.errors import ErnieError
-from model.kv_cache import StaticKVCache
-from model.weights import expected_shapes
+from model.generation.kv_cache import StaticKVCache
 from tests.helpers.reference import make_inputs, our_config, randomize_
 
 

@@ -1,6 +1,6 @@
 """Tier 3: every fast path equals the plain path it replaces, on tiny random bf16 models.
 
-Fast paths: oneDNN-packed weights for CPU bf16 inference (model/packing.py), the grouped
+Fast paths: oneDNN-packed weights for CPU bf16 inference (model/backends/cpu/packing.py), the grouped
 few-slot expert dispatch (decode) vs sorted segments (prefill), the loader choosing packing, and
 experts read in place from the mapped checkpoint where it does not pack.
 
@@ -15,14 +15,14 @@ import copy
 import pytest
 import torch
 
-from model import ErnieVL
-from model import kernels, loading, moe, packing
+from model import ErnieVL, load_pretrained, moe
+from model.backends.cpu import kernels, packing
+from model.backends.cpu.linear import linear
+from model.backends.cpu.packing import PackedLinear, can_pack, pack_for_cpu, packing_available
+from model.checkpoint import loading
 from model.errors import ErnieError
-from model.generate import GenerationConfig, generate
-from model.loading import load_pretrained
+from model.generation.generate import GenerationConfig, generate
 from model.moe import Experts
-from model.linear import linear
-from model.packing import PackedLinear, can_pack, pack_for_cpu, packing_available
 from tests.helpers.checkpoints import make_checkpoint_from_ours
 from tests.helpers.reference import make_inputs, our_config, randomize_
 
@@ -316,7 +316,7 @@ def test_a_follow_up_prefill_into_the_cache_equals_one_prefill(monkeypatch, dtyp
     those of one 64-token prefill (fp32: SDPA with the end-aligned causal mask built per layer;
     bf16: the flash kernel's causal offset where it runs, else the same mask), and in bf16 the
     kernel route agrees with SDPA to bf16 noise."""
-    from model.kv_cache import StaticKVCache
+    from model.generation.kv_cache import StaticKVCache
 
     model = _bf16_model("A") if dtype == torch.bfloat16 else ErnieVL(our_config("A")).eval()
     if dtype == torch.float32:

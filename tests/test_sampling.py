@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model.sampling import (
+from model.generation.sampling import (
     SamplingParams, apply_min_p, apply_repetition_penalty, apply_temperature, apply_top_k,
     apply_top_p, make_generator, mark_seen, sample_next, seen_mask,
 )

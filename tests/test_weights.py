@@ -8,9 +8,9 @@ every problem in one error, idempotence, the inverse round trip, and the flat co
 import pytest
 import torch
 
+from model.checkpoint.weights import config_to_baidu_dict, expected_shapes, to_baidu, to_ours
 from model.config import ErnieVLConfig, tiny
 from model.errors import CheckpointError
-from model.weights import config_to_baidu_dict, expected_shapes, to_baidu, to_ours
 from tests.helpers.checkpoints import random_state
 from tests.tiny_configs import CONFIG_A, CONFIG_B
 

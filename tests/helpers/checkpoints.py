@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model.checkpoint.weights import config_to_baidu_dict, expected_shapes, to_baidu, to_ours
 from model.config import ErnieVLConfig
-from model.weights import config_to_baidu_dict, expected_shapes, to_baidu, to_ours
 
 
 def random_state(config: ErnieVLConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

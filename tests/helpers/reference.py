@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from model import ErnieVL, ErnieVLConfig
-from model.weights import to_ours
+from model.checkpoint.weights import to_ours
 from tests.tiny_configs import CONFIGS, TOKEN_IDS
 
 IMG, IMG_START, IMG_END = TOKEN_IDS["image_token_id"], TOKEN_IDS["image_start_token_id"], TOKEN_IDS["image_end_token_id"]

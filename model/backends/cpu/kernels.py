@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from model.backends.base import rotate_vision_torch
+
 MAX_ROWS = 8  # rows of x the AVX2 build takes; see max_rows() for the build in use
 SOURCE = Path(__file__).parent / "csrc" / "bf16_gemv.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
@@ -279,8 +281,6 @@ def _load_ops() -> ctypes.CDLL:
 
 
 def _ops_self_check(lib: ctypes.CDLL) -> str:
-    from model.rope import rotate_vision_torch  # here, not at the top: model.rope imports this module
-
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(7, 3, 2, 20, generator=gen).bfloat16()
     cos, sin = torch.randn(7, 20, generator=gen), torch.randn(7, 20, generator=gen)
@@ -330,7 +330,7 @@ def rope_half_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 
 def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``model.rope.rotate_vision_torch(x, cos, sin)`` in one pass, bit-identical: a new contiguous
+    """``model.backends.base.rotate_vision_torch(x, cos, sin)`` in one pass, bit-identical: a new contiguous
     bf16 tensor shaped like x. Raises ValueError unless ``rope_half_applies``."""
     if not rope_half_applies(x, cos, sin):
         raise ValueError(f"rope_half does not take x {tuple(x.shape)} {x.dtype} {x.device} with cos "
@@ -409,7 +409,7 @@ def _even_groups(x: torch.Tensor) -> bool:
 # --- AMX tiles (csrc/bf16_amx.c) --------------------------------------------------------------------
 
 amx_unavailable_reason = ""
-AMX_MAX_ROWS = 1 << 20  # what the C code takes; which products are worth it is model/linear.py's call
+AMX_MAX_ROWS = 1 << 20  # what the C code takes; which products are worth it is model/backends/cpu/linear.py's call
 
 
 def has_amx() -> bool:

@@ -367,9 +367,3 @@ def _baidu_moe_indices(types: tuple[str, ...]) -> dict[str, Any]:
     if not sparse:
         return {"moe_layer_start_index": len(types), "moe_layer_end_index": -1, "moe_layer_interval": 1}
     return {"moe_layer_start_index": sparse[0], "moe_layer_end_index": sparse[-1], "moe_layer_interval": 1}
-
-
-def from_pretrained(*args: Any, **kwargs: Any):
-    """``model.loading.load_pretrained``, imported lazily (loading imports this module)."""
-    from model.loading import load_pretrained
-    return load_pretrained(*args, **kwargs)

@@ -8,7 +8,7 @@ torch's bf16 matmul emulates bf16 and runs several times slower than fp32 (measu
   weight and rounds the result back to bf16. The copy is transient (one layer's weight at a
   time), the bf16 weights stay the only resident ones, and the result equals the bf16 product
   up to its final rounding (both accumulate in fp32);
-- a product with a few rows (decode) goes to the streaming bf16 GEMV of ``model.kernels`` when
+- a product with a few rows (decode) goes to the streaming bf16 GEMV of ``model.backends.cpu.kernels`` when
   it is available, else to torch.
 
 On a CPU with native bf16 (AVX512-BF16, AMX) torch's bf16 GEMM is the fast one for many rows, but
@@ -16,7 +16,7 @@ its products of a few rows read the weight at about half the speed of the GEMV k
 still go to the kernel: up to 4 rows with its AVX512-BF16 build (decode, and the experts a few
 text tokens of an image prompt choose), else one or two. With AMX, products of 5 to 192 rows (a
 prefill's expert segments, the vision experts of an image) go to the tile product of
-``model.kernels``, which reads the weight in place as the tiles' left operand; bigger ones stay
+``model.backends.cpu.kernels``, which reads the weight in place as the tiles' left operand; bigger ones stay
 with torch (oneDNN), their rows padded to a multiple of 16 (some row counts get a slow blocking).
 
 Everything else (fp32 or fp16 weights, CUDA) calls ``F.linear``.
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import kernels
+from model.backends.cpu import kernels
 
 # From this many rows on, a CPU bf16 product without native bf16 runs in fp32 (the upcast of the
 # weight costs about as much as a 16-row product: below that the weight's bytes dominate).
@@ -43,7 +43,7 @@ NATIVE_GEMV_MAX_ROWS = 2
 # from 8 rows on it is compute-bound and slower than torch (2-core AMX Xeon).
 DP_GEMV_MAX_ROWS = 4
 # On a CPU with AMX, products of more rows than that and up to this many go to the tile product of
-# model/kernels.py (csrc/bf16_amx.c): the expert segments of a prefill and the few-row products
+# model/backends/cpu/kernels.py (csrc/bf16_amx.c): the expert segments of a prefill and the few-row products
 # of an image prompt's text tokens. Measured for (M, 2560) x (2560, 3072), 2-core AMX Xeon: ~0.7
 # against torch's ~1.0 ms up to 16 rows (memory speed), 0.9 vs 1.4 at 32, 1.4 vs 2.0-2.4 at 64,
 # 2.2-2.4 vs 2.6-2.9 at 96, 3.1 vs 4.1 at 128, 4.5 vs 6.2 at 192; at 287 and 1024 rows oneDNN is

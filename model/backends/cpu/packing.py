@@ -7,7 +7,7 @@ call by a kernel that uses the CPU's bf16 dot products; the results are bit-iden
 ``F.linear`` (tests/test_perf_paths.py checks it).
 
 The loader packs only where ``packing_pays()``: where the streaming GEMV kernel of
-``model.kernels`` runs, plain weights are faster at every size, even on AMX CPUs.
+``model.backends.cpu.kernels`` runs, plain weights are faster at every size, even on AMX CPUs.
 
 ``pack_for_cpu(model)`` rewrites a loaded model in place: decoder ``nn.Linear`` layers become
 ``PackedLinear``, every expert bank gets one packed (gate_up, down) pair per expert (its stacked
@@ -27,9 +27,9 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from model import kernels
+from model.backends.cpu import kernels
+from model.backends.cpu.linear import linear
 from model.errors import ErnieError
-from model.linear import linear
 
 
 @lru_cache(maxsize=1)
@@ -53,7 +53,7 @@ def packing_available() -> bool:
 
 def packing_pays() -> bool:
     """Whether a CPU bf16 load should pack: oneDNN can pack here *and* the streaming GEMV kernel
-    of ``model.kernels`` is unavailable. Where the kernel runs, plain weights win at every size
+    of ``model.backends.cpu.kernels`` is unavailable. Where the kernel runs, plain weights win at every size
     (2-core AMX Xeon, 2 threads: batch-1 products 24-30 GB/s through the kernel against 10-16
     packed; 1024-row products 22 ms plain against 28 packed), and plain weights load in place."""
     return packing_available() and not kernels.gemv_available()
@@ -189,8 +189,6 @@ def pack_for_cpu(model: nn.Module, release=None) -> nn.Module:
     GIL). ``release()``, when given, runs after each packed weight (the loader drops checkpoint
     pages that were just copied, to keep its peak memory down).
     """
-    from model.moe import Experts
-
     if not can_pack(model):
         return model
     linears, banks = [], []
@@ -198,7 +196,7 @@ def pack_for_cpu(model: nn.Module, release=None) -> nn.Module:
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16:
                 linears.append((parent, name, child))
-            elif isinstance(child, Experts) and child.packable():
+            elif callable(getattr(child, "packable", None)) and child.packable():  # an expert bank
                 banks.append(child)
 
     def job(weight: torch.Tensor) -> torch.Tensor:

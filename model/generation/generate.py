@@ -4,7 +4,7 @@
 prefill. Positions follow the reference: the prompt's 3D RoPE positions come from
 ``model.get_rope_index`` (text-only prompts: the count of real tokens before each one, so left
 padding does not shift them), and every new token sits one past the previous position on all
-three axes. The cache slot of a new token is the token count instead (see ``model.kv_cache``).
+three axes. The cache slot of a new token is the token count instead (see ``model.generation.kv_cache``).
 
 Legend: B = batch rows, P = prompt length (padded), N = max_new_tokens, V = vocabulary.
 """
@@ -23,9 +23,9 @@ from typing import Any, Iterator
 import torch
 
 from model.errors import CheckpointError, ContextLengthError, ErnieError
-from model.kv_cache import StaticKVCache
-from model.sampling import is_greedy, make_generator, mark_seen, sample_next, seen_mask
-from model.stats import GenerationStats
+from model.generation.kv_cache import StaticKVCache
+from model.generation.sampling import is_greedy, make_generator, mark_seen, sample_next, seen_mask
+from model.generation.stats import GenerationStats
 
 
 @dataclass(frozen=True)

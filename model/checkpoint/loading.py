@@ -1,4 +1,4 @@
-"""``from_pretrained``: resolve a checkpoint, read its config, build on meta, fill from mmap.
+"""Load a checkpoint: resolve it, read its config, build the model on meta, fill it from mmap.
 
 Memory: each shard is memory-mapped copy-on-write and every tensor is a view of the mapping,
 so a CPU load in the checkpoint's own dtype copies nothing but the stacked experts (built one
@@ -7,6 +7,9 @@ tensor; the mapping is never read whole into memory and there is no fp32 detour.
 
 Only safetensors are read (a pickle can run code); each shard's header is checked against
 the file size before any tensor is touched, so a truncated download is an error, not a crash.
+
+The model class is not imported here: ``ErnieVL.from_pretrained`` passes its constructor in
+(``build``), so imports flow from the model down to the checkpoint reader.
 """
 
 from __future__ import annotations
@@ -17,20 +20,20 @@ import struct
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 from torch import Tensor
 
-from model.allocator import keep_freed_memory
+from model.backends.cpu.allocator import keep_freed_memory
+from model.backends.cpu.packing import ExpertBank, pack_for_cpu, packing_pays
+from model.checkpoint.hub import DEFAULT_REPO, resolve
+from model.checkpoint.weights import BANKS, PER_EXPERT_KEY, IGNORED, renamed
+from model.checkpoint.weights import to_ours
 from model.config import ErnieVLConfig
 from model.errors import CheckpointError, ErnieError
-from model.hub import DEFAULT_REPO, resolve
-from model.packing import ExpertBank, pack_for_cpu, packing_pays
-from model.weights import BANKS, PER_EXPERT_KEY, IGNORED, renamed
-from model.weights import to_ours
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -47,10 +50,11 @@ _MAX_HEADER = 100 * 1024 * 1024
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
 
-def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = None,
+def load_checkpoint(build: Callable, path_or_repo_id: str = DEFAULT_REPO, revision: str | None = None,
                     dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
                     offline: bool | None = None, pack: bool = True):
-    """An ``ErnieVL`` in eval mode with the checkpoint's weights (see the module docstring).
+    """The model ``build(config, device="meta")`` makes, in eval mode with the checkpoint's weights
+    (see the module docstring). ``ErnieVL.from_pretrained`` is the public entry point.
 
     pack: lay the weights out for inference (CPU: experts read in place from the mapped files, or
     oneDNN-packed where bf16 packing is available); False keeps plain trainable parameters.
@@ -58,8 +62,6 @@ def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = 
     dtype: "auto" (config ``torch_dtype``/``dtype``, else the tensors'), "bfloat16", "float16",
     "float32" or a torch dtype. device: "auto" (cuda > mps > cpu), "cpu", "cuda", "mps", ...
     """
-    from model.ernie_vl import ErnieVL  # lazy: ernie_vl imports this module's entry point
-
     root = resolve(path_or_repo_id, revision=revision, offline=offline)
     config = ErnieVLConfig.from_file(root / "config.json")
     checkpoint = SafetensorsCheckpoint.open(root)
@@ -74,7 +76,7 @@ def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = 
         plan = None if views is None else plan
     source = checkpoint if plan is None else _WithStandIns(checkpoint, plan, config)
     state = to_ours(source, config, dtype=target_dtype, device=target_device, release=checkpoint.release_pages)
-    model = ErnieVL.from_config(config, device="meta")
+    model = build(config, device="meta")
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval()
@@ -92,8 +94,6 @@ def load_pretrained(path_or_repo_id: str = DEFAULT_REPO, revision: str | None = 
         checkpoint.release_pages()
     return model
 
-
-from_pretrained = load_pretrained
 
 
 # --- dtype and device -------------------------------------------------------------------------
