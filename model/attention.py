@@ -95,9 +95,12 @@ def build_attention_mask(attention_mask: torch.Tensor | None, cache_position: to
     0..S-T+i. Attention then builds no mask at all (its kernels take that rule directly).
 
     attention_mask: (B, L) with 1 for real tokens, 0 for padding, covering slots 0..L-1
-    (L <= S; slots beyond L count as real). cache_position: (T,) slot of every new token.
+    (L <= S; slots beyond L count as real). cache_position: (T,) slot of every new token, or
+    (B, T) when every row has slots of its own (continuous batching): always a mask then.
     A padded query row would see nothing at all; it is allowed its own slot so SDPA stays finite.
     """
+    if cache_position.ndim == 2:
+        return _row_slots_mask(attention_mask, cache_position, num_slots)
     padded = attention_mask is not None and not bool(attention_mask.all())
     T = cache_position.shape[0]
     at_end = torch.equal(cache_position, torch.arange(num_slots - T, num_slots, device=cache_position.device))
@@ -113,3 +116,15 @@ def build_attention_mask(attention_mask: torch.Tensor | None, cache_position: to
         own = slots[None, :] == cache_position[:, None]  # (T, S)
         allowed = (allowed & keep) | own[None, None]  # (B, 1, T, S)
     return allowed
+
+
+def _row_slots_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor,
+                    num_slots: int) -> torch.Tensor:
+    """(B, 1, T, S): the query at slot p of row b sees that row's slots 0..p (cache_position (B, T)),
+    less the padding of ``attention_mask`` (B, L) where given."""
+    slots = torch.arange(num_slots, device=cache_position.device)
+    allowed = slots[None, None, :] <= cache_position[:, :, None]  # (B, T, S)
+    if attention_mask is not None:
+        keep = F.pad(attention_mask.bool(), (0, max(num_slots - attention_mask.shape[1], 0)), value=True)
+        allowed = allowed & keep[:, None, :num_slots]
+    return allowed[:, None]  # (B, 1, T, S)

@@ -152,6 +152,8 @@ class ErnieVL(nn.Module):
         elif position_ids.ndim == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)  # (3, B, T)
         num_slots = max(past_len, int(cache_position.max()) + 1) if cache is not None else T
+        if cache_position.ndim == 2:  # every row its own slots (continuous batching): up to the furthest
+            num_slots = int(cache_position.max()) + 1
         mask = build_attention_mask(attention_mask, cache_position, num_slots)
         vision_mask = moe_mm_token_type_ids != 0 if moe_mm_token_type_ids is not None else None
         if vision_mask is not None and not bool(vision_mask.any()):

@@ -10,6 +10,10 @@ max(h, w) / merge (the image is laid out on a grid, not a line), so after an ima
 token sits at a RoPE position well below its slot. Callers therefore pass two different things:
 ``cache_position`` (slots, here) and ``position_ids`` (RoPE, in the model). Never derive one from
 the other except through ``rope_deltas``.
+
+Rows normally share their slots (``cache_position`` (T,)). Continuous batching gives each row
+slots of its own instead (``cache_position`` (B, T)): rows that joined at different times hold
+sequences of different lengths, each from slot 0.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class StaticKVCache:
         (the highest written slot + 1, never less than before).
         """
         T = k.shape[2]
+        if cache_position.ndim == 2:
+            return self._update_rows(layer_idx, k, v, cache_position)
         if cache_position.ndim != 1 or cache_position.numel() != T:
             raise ValueError(f"cache_position must be 1-D with {T} entries (one per new token), "
                              f"got shape {tuple(cache_position.shape)}")
@@ -73,6 +79,39 @@ class StaticKVCache:
         self._filled[layer_idx] = max(self._filled[layer_idx], end)
         S = self._filled[layer_idx]
         return kbuf[:, :, :S], vbuf[:, :, :S]  # (B, H, S, D) views
+
+    def _update_rows(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+                     cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row slots: write k, v (B, H, T, D) of row b at slots ``cache_position[b]`` (B, T).
+
+        Returns views (B, H, S, D) with S = the highest slot written + 1: each row is expected
+        to hold its own tokens at slots 0..cache_position[b, -1] (continuous batching, see
+        model/scheduler.py), so nothing beyond S belongs to any row of this step.
+        """
+        B, _, T, _ = k.shape
+        if cache_position.shape != (B, T):
+            raise ValueError(f"per-row cache_position must be (batch, new tokens) = {(B, T)}, "
+                             f"got {tuple(cache_position.shape)}")
+        end = int(cache_position.max()) + 1
+        if end > self.max_len:
+            raise ContextLengthError(
+                f"the KV cache holds {self.max_len} tokens but slot {end - 1} was requested",
+                hint="allocate the cache for prompt length + max_new_tokens")
+        kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
+        rows = torch.arange(B, device=kbuf.device)[:, None]  # (B, 1)
+        kbuf[rows, :, cache_position] = k.transpose(1, 2).to(kbuf.dtype)  # indexed view (B, T, H, D)
+        vbuf[rows, :, cache_position] = v.transpose(1, 2).to(vbuf.dtype)
+        self._filled[layer_idx] = max(self._filled[layer_idx], end)
+        return kbuf[:, :, :end], vbuf[:, :, :end]  # (B, H, S, D) views
+
+    def first_rows(self, n: int) -> "StaticKVCache":
+        """A cache over rows 0..n-1 that shares these buffers (writes through it land here)."""
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"first_rows needs 0 < n <= {self.batch_size}, got {n}")
+        view = object.__new__(StaticKVCache)
+        view.keys, view.values = [k[:n] for k in self.keys], [v[:n] for v in self.values]
+        view.max_len, view.batch_size, view._filled = self.max_len, n, list(self._filled)
+        return view
 
     def reset(self) -> None:
         """Forget everything (buffers stay allocated; stale values are masked by seq_len)."""
