@@ -1,4 +1,4 @@
-"""Continuous batching (model/scheduler.py) on a tiny random ErnieVL: every request's tokens equal
+"""Continuous batching (model/generation/scheduler.py) on a tiny random ErnieVL: every request's tokens equal
 ``stream_generate`` on that request alone, while rows are refilled, cancelled and sampled
 with settings of their own. Also the per-row KV-cache slots and masks it relies on.
 """
@@ -8,10 +8,10 @@ import torch
 
 from model.config import tiny
 from model.errors import ContextLengthError
-from model.generate import Done, GenerationConfig, stream_generate
-from model.kv_cache import StaticKVCache
+from model.generation.generate import Done, GenerationConfig, stream_generate
+from model.generation.kv_cache import StaticKVCache
 from model.attention import build_attention_mask
-from model.scheduler import RequestDone, RequestStep, Scheduler
+from model.generation.scheduler import RequestDone, RequestStep, Scheduler
 from tests.test_generate import PROMPTS, ernie, mm_inputs  # noqa: F401  (ernie is a fixture)
 
 EOS = 2

@@ -86,7 +86,7 @@ class StaticKVCache:
 
         Returns views (B, H, S, D) with S = the highest slot written + 1: each row is expected
         to hold its own tokens at slots 0..cache_position[b, -1] (continuous batching, see
-        model/scheduler.py), so nothing beyond S belongs to any row of this step.
+        model/generation/scheduler.py), so nothing beyond S belongs to any row of this step.
         """
         B, _, T, _ = k.shape
         if cache_position.shape != (B, T):

@@ -44,10 +44,11 @@ from typing import Any, Mapping
 import torch
 
 from model.errors import ContextLengthError, ErnieError
-from model.generate import GenerationConfig, _peak_memory, _ThinkingBudget, default_config, prompt_positions
-from model.kv_cache import StaticKVCache
-from model.sampling import is_greedy, make_generator, mark_seen, sample_next, seen_mask
-from model.stats import GenerationStats
+from model.generation.generate import (GenerationConfig, _peak_memory, _ThinkingBudget, default_config,
+                                       prompt_positions)
+from model.generation.kv_cache import StaticKVCache
+from model.generation.sampling import is_greedy, make_generator, mark_seen, sample_next, seen_mask
+from model.generation.stats import GenerationStats
 
 PREFILL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "moe_mm_token_type_ids", "pixel_values",
                   "image_grid_thw", "pixel_values_videos", "video_grid_thw")
