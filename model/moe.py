@@ -217,6 +217,9 @@ class ModalityMoE(nn.Module):
         Router logits of text tokens come from the text router, those of vision tokens from the
         vision router (the load-balancing loss reads them that way).
         """
+        if x.is_cuda:  # both banks through the fused Triton kernel, no host-side split
+            from model.backends.cuda.moe import modality_moe
+            return modality_moe(self, x, vision_mask)
         B, T, H = x.shape
         flat = x.reshape(B * T, H)  # (N, H)
         if vision_mask is None or not bool(vision_mask.any()):

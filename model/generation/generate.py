@@ -262,6 +262,10 @@ def default_config(model) -> GenerationConfig:
 
 def _loop(model, run: _Run, config: GenerationConfig, vision: dict, cancel) -> Iterator[Step | Done]:
     run.t_start = time.perf_counter()
+    if run.device.type == "cuda" and config.max_thinking_tokens is None:
+        from model.backends.cuda.loop import cuda_loop  # static cache, CUDA graph, sampling on the device
+        yield from cuda_loop(model, run, config, vision, cancel)
+        return
     ids, attn = run.input_ids, run.attention_mask
     B, P = ids.shape
     param = next(model.parameters())
