@@ -16,7 +16,9 @@ What it does (see benchmarks/README.md for the definitions):
 3. runs each side in its own subprocess, one after the other (clean peak resident memory):
    load time and peak RSS, image time-to-first-token, prefill tokens/s, decode tokens/s;
 4. writes RESULTS.md and results.json (each figure, the ernie/reference ratio, the target,
-   pass/fail) into ``--output-dir`` (default: benchmarks/).
+   pass/fail) into ``--output-dir`` (default: benchmarks/); with ``--device cuda``,
+   RESULTS-cuda.md and results-cuda.json, with the GPU's name, a batch-8 decode and the GPU
+   targets of issue 19 (TARGETS_CUDA).
 
 Legend: L = text layers, H = hidden, D = head dim, Hq/Hkv = query/key-value heads, I = expert
 width, K = experts per token, E = experts per bank, V = vocabulary.
@@ -61,6 +63,14 @@ TARGETS = {  # metric -> (comparison, bound), applied to the ernie/reference rat
     "decode_tok_s": (">=", 1.3),
     "decode_bw_fraction": (">=", 0.8),  # ernie's own fraction of the measured bandwidth
 }
+TARGETS_CUDA = {  # issue 19: full size, bf16, one H100/H200
+    "ttft_s": ("<=", 0.67),
+    "prefill_tok_s": (">=", 1.3),
+    "decode_tok_s_abs": (">=", 300.0),  # ernie's own tokens/s, batch 1
+    "decode_bw_fraction": (">=", 0.5),
+    "decode_b8_over_b1": (">=", 5.0),  # ernie's batch-8 tokens/s over its batch-1 tokens/s
+}
+B8 = 8  # rows of the batched decode measured on a GPU
 
 
 def log(msg: str) -> None:
@@ -296,6 +306,12 @@ def machine_info(device: str, threads: int) -> dict:
         info["transformers"] = None
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+        try:
+            from importlib.metadata import version
+            info["triton"] = version("triton")
+        except Exception:
+            info["triton"] = None
     return info
 
 
@@ -377,8 +393,14 @@ def _phase_decode(side, spec) -> dict:
         raise RuntimeError(f"{side.__class__.__module__} generated {len(times)} tokens, expected exactly {N}")
     gaps = [b - a for a, b in zip(times, times[1:])]
     per_token = (times[-1] - times[0]) / (N - 1)
-    return {"decode_tok_s": 1 / per_token, "decode_ms_per_token": 1000 * per_token,
-            "decode_median_ms": 1000 * statistics.median(gaps), "decode_new_tokens": N, "decode_ids": ids}
+    out = {"decode_tok_s": 1 / per_token, "decode_ms_per_token": 1000 * per_token,
+           "decode_median_ms": 1000 * statistics.median(gaps), "decode_new_tokens": N, "decode_ids": ids}
+    if torch.device(spec["device"]).type == "cuda":  # batched decode: B8 prompts of 32 tokens
+        batch = torch.cat([prompt_ids(32, seed=10 + r) for r in range(B8)])  # (B8, 32)
+        side.generate_timed(batch[:, :16], 4)  # warm-up (and, for ernie, the batch's graph)
+        times, _ = side.generate_timed(batch, N)
+        out.update(decode_b8_tok_s=B8 * (N - 1) / (times[-1] - times[0]), decode_b8_rows=B8)
+    return out
 
 
 # --- profiling (--profile) --------------------------------------------------------------------
@@ -492,9 +514,13 @@ def best_of(results: list[dict]) -> dict:
     return merged
 
 
-def build_rows(config, ours: dict, ref: dict, bandwidth: float, weight_bytes: int) -> list[dict]:
-    """The table: one row per figure, with the ernie/reference ratio and the target check."""
+def build_rows(config, ours: dict, ref: dict, bandwidth: float, weight_bytes: int,
+               device: str = "cpu") -> list[dict]:
+    """The table: one row per figure, with the ernie/reference ratio and the target check
+    (TARGETS on a CPU, TARGETS_CUDA on a GPU)."""
     per_token = sum(decode_bytes_per_token(config).values())
+    cuda = device == "cuda"
+    targets = TARGETS_CUDA if cuda else TARGETS
 
     def bw_fraction(side: dict):
         if "decode_tok_s" not in side:
@@ -504,29 +530,46 @@ def build_rows(config, ours: dict, ref: dict, bandwidth: float, weight_bytes: in
     def rss_ratio(side: dict):
         return side["rss_after_load"] / weight_bytes if "rss_after_load" in side else None
 
-    specs = [  # key, label, unit, ernie value, reference value, target applies to ("ratio" | "ernie" | None)
-        ("load_s", "load time", "s", ours.get("load_s"), ref.get("load_s"), "ratio"),
+    def b8_over_b1(side: dict):
+        return side["decode_b8_tok_s"] / side["decode_tok_s"] if side.get("decode_b8_tok_s") else None
+
+    specs = [  # key, label, unit, ernie value, reference value, (target key, applies to "ratio" | "ernie") or None
+        ("load_s", "load time" + (" (random weights built on the GPU)" if cuda else ""), "s",
+         ours.get("load_s"), ref.get("load_s"), ("load_s", "ratio")),
         ("rss_after_load", "peak RSS after load", "GB", _gb(ours.get("rss_after_load")),
          _gb(ref.get("rss_after_load")), None),
-        ("rss_over_weights", "peak RSS after load / weight bytes", "x", rss_ratio(ours), rss_ratio(ref), "ernie"),
+        ("rss_over_weights", "peak RSS after load / weight bytes", "x", rss_ratio(ours), rss_ratio(ref),
+         ("rss_over_weights", "ernie")),
         ("rss_end", "peak RSS at the end of the run", "GB", _gb(ours.get("rss_end")), _gb(ref.get("rss_end")), None),
-        ("ttft_s", f"image TTFT ({_image_size(ours, ref)}, PIL -> first token)", "s", ours.get("ttft_s"), ref.get("ttft_s"), "ratio"),
+        ("ttft_s", f"image TTFT ({_image_size(ours, ref)}, PIL -> first token)", "s", ours.get("ttft_s"),
+         ref.get("ttft_s"), ("ttft_s", "ratio")),
         ("prefill_tok_s", f"prefill ({ours.get('prefill_tokens') or ref.get('prefill_tokens')}-token text)", "tok/s",
-         ours.get("prefill_tok_s"), ref.get("prefill_tok_s"), "ratio"),
+         ours.get("prefill_tok_s"), ref.get("prefill_tok_s"), ("prefill_tok_s", "ratio")),
         ("decode_tok_s", f"decode, batch 1 ({ours.get('decode_new_tokens') or ref.get('decode_new_tokens')} "
-                         "new tokens)", "tok/s", ours.get("decode_tok_s"), ref.get("decode_tok_s"), "ratio"),
+                         "new tokens)", "tok/s", ours.get("decode_tok_s"), ref.get("decode_tok_s"),
+         ("decode_tok_s_abs", "ernie") if cuda else ("decode_tok_s", "ratio")),
         ("decode_ms_per_token", "decode time per token", "ms", ours.get("decode_ms_per_token"),
          ref.get("decode_ms_per_token"), None),
         ("decode_bw_fraction", "decode / memory-bandwidth limit", "fraction", bw_fraction(ours), bw_fraction(ref),
-         "ernie"),
+         ("decode_bw_fraction", "ernie")),
     ]
+    if cuda:
+        specs += [
+            ("decode_b8_tok_s", f"decode, batch {B8} (tokens/s of all rows)", "tok/s", ours.get("decode_b8_tok_s"),
+             ref.get("decode_b8_tok_s"), None),
+            ("decode_b8_over_b1", f"decode batch {B8} / batch 1", "x", b8_over_b1(ours), b8_over_b1(ref),
+             ("decode_b8_over_b1", "ernie")),
+            ("gpu_peak", "peak GPU memory allocated", "GB", _gb(ours.get("gpu_peak_bytes")),
+             _gb(ref.get("gpu_peak_bytes")), None),
+        ]
     rows = []
-    for key, label, unit, e, r, applies in specs:
+    for key, label, unit, e, r, target in specs:
         ratio = e / r if e is not None and r else None
         row = {"metric": key, "label": label, "unit": unit, "ernie": e, "reference": r, "ratio": ratio,
                "target": None, "pass": None}
-        if applies:
-            op, bound = TARGETS[key]
+        if target and target[0] in targets:
+            op, bound = targets[target[0]]
+            applies = target[1]
             value = ratio if applies == "ratio" else e
             row["target"] = f"{'ratio' if applies == 'ratio' else 'ernie'} {op} {bound:.3g}"
             if value is not None:
@@ -550,10 +593,16 @@ def _fmt(x) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
+def report_names(device: str) -> tuple[str, str]:
+    """(json, markdown) file names: results.json / RESULTS.md, or results-cuda.json / RESULTS-cuda.md."""
+    return ("results-cuda.json", "RESULTS-cuda.md") if device == "cuda" else ("results.json", "RESULTS.md")
+
+
 def write_reports(out_dir: Path, report: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "RESULTS.md").write_text(render_markdown(report))
+    json_name, md_name = report_names(report["machine"]["device"])
+    (out_dir / json_name).write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / md_name).write_text(render_markdown(report))
 
 
 def render_markdown(report: dict) -> str:
@@ -687,9 +736,11 @@ def main(argv=None) -> int:
         "checkpoint": {"layers": args.layers, "moe_layers": args.layers - 1, "vision_blocks": args.vision_blocks,
                        "weight_bytes": weight_bytes, "random_init": args.random_init, "path": str(ours_dir)},
         "bandwidth_bytes_per_s": bandwidth, "decode_bytes_per_token": sum(breakdown.values()),
-        "decode_bytes_breakdown": breakdown, "targets": {k: list(v) for k, v in TARGETS.items()},
+        "decode_bytes_breakdown": breakdown,
         "sides": sides, "rounds": rounds, "bandwidth_rounds": bandwidths,
-        "rows": build_rows(config, sides.get("ernie", {}), sides.get("reference", {}), bandwidth, weight_bytes),
+        "rows": build_rows(config, sides.get("ernie", {}), sides.get("reference", {}), bandwidth, weight_bytes,
+                           args.device),
+        "targets": {k: list(v) for k, v in (TARGETS_CUDA if args.device == "cuda" else TARGETS).items()},
     }
     write_reports(args.output_dir, report)
     print(render_markdown(report))
