@@ -41,6 +41,11 @@ def _text_tables(theta: float, head_dim: int, section: tuple[int, int, int]) -> 
     return inv_freq, axis
 
 
+def text_rope_tables(config: TextConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inv_freq [D/2] fp32, axis [D/2] long) of ``config``: what ``text_rope`` computes angles from."""
+    return _text_tables(float(config.rope_theta), config.head_dim, tuple(config.mrope_section))
+
+
 def text_rope(config: TextConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (B, T, D) fp32 for 3D positions (3, B, T) ordered (t, h, w).
 

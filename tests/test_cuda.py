@@ -10,7 +10,7 @@ import torch
 
 pytestmark = pytest.mark.cuda
 
-from model.generate import GenerationConfig, generate  # noqa: E402
+from model.generation.generate import GenerationConfig, generate  # noqa: E402
 from tests.helpers.reference import CASES, load_ours  # noqa: E402
 from tests.test_generate_parity import PAIRS, _golden as _gen_golden, _ours_from_golden, gold  # noqa: E402
 from tests.test_model_parity import ATOL, GOLDENS, _golden, _golden_inputs, _real  # noqa: E402
@@ -64,7 +64,9 @@ def test_cuda_greedy_tokens_equal_the_cpu_path(config_name, case, graphs, monkey
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_replay_equals_eager_step(dtype):
     from model.backends.cuda.decode import DecodeRunner
-    from model.generate import _forward, prompt_positions
+    from model.generation.generate import _forward, prompt_positions
+    from model.generation.kv_cache import StaticKVCache
+    from model.rope import text_rope_tables
 
     model = _ours_from_golden("A").to(CUDA, dtype)
     for m in model.modules():  # routers stay fp32, as the loader keeps them
@@ -73,7 +75,9 @@ def test_graph_replay_equals_eager_step(dtype):
     inputs = _on_cuda(gold.case_inputs("batch"))
     ids, attn = inputs["input_ids"], inputs["attention_mask"]
     B, P = ids.shape
-    runners = [DecodeRunner(model, B, 256, use_graph=True), DecodeRunner(model, B, 256, use_graph=False)]
+    text = model.config.text
+    runners = [DecodeRunner(model, StaticKVCache(text, B, 256, dtype, CUDA), text_rope_tables(text), use_graph=g)
+               for g in (True, False)]
     assert runners[0].graph is not None and runners[1].graph is None
     positions = prompt_positions(model, ids, attn)
     tokens = []

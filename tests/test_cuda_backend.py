@@ -17,9 +17,9 @@ from model.backends.cuda import fused_moe  # noqa: E402
 from model.backends.cuda.decode import capacity_for, graphs_enabled  # noqa: E402
 from model.backends.cuda.moe import modality_moe  # noqa: E402
 from model.backends.cuda.ops import add_rms_norm, rope_qkv_to_cache  # noqa: E402
-from model.backends.cuda.sampling import DeviceSampler  # noqa: E402
 from model.config import ErnieVLConfig  # noqa: E402
-from model.generate import GenerationConfig  # noqa: E402
+from model.generation.generate import GenerationConfig  # noqa: E402
+from model.generation.sampling import DeviceSampler  # noqa: E402
 from model.moe import ModalityMoE  # noqa: E402
 from model.rope import rotate_text  # noqa: E402
 from tests.helpers.device_path import device_generate  # noqa: E402

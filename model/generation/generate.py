@@ -263,8 +263,11 @@ def default_config(model) -> GenerationConfig:
 def _loop(model, run: _Run, config: GenerationConfig, vision: dict, cancel) -> Iterator[Step | Done]:
     run.t_start = time.perf_counter()
     if run.device.type == "cuda" and config.max_thinking_tokens is None:
-        from model.backends.cuda.loop import cuda_loop  # static cache, CUDA graph, sampling on the device
-        yield from cuda_loop(model, run, config, vision, cancel)
+        # static cache, a CUDA graph per step, sampling on the device, ids copied back one step behind
+        from model.generation.device_loop import device_loop
+        positions = prompt_positions(model, run.input_ids, run.attention_mask, vision["mm_token_type_ids"],
+                                     vision["image_grid_thw"], vision["video_grid_thw"])
+        yield from device_loop(model, run, config, vision, cancel, positions, Step)
         return
     ids, attn = run.input_ids, run.attention_mask
     B, P = ids.shape

@@ -118,3 +118,42 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     if seed is None:
         return None
     return torch.Generator(device=device).manual_seed(int(seed))
+
+
+# --- on the device ------------------------------------------------------------------------------
+
+def race_draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of ``probs`` (B, V), drawn with probability p_i / sum(p) on the probs' device
+    with no host synchronisation: argmax of p / q with q ~ Exp(1) i.i.d. (the exponential race).
+    ``torch.multinomial`` draws the same distribution but checks its input on the host."""
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+class DeviceSampler:
+    """``sample_next`` for the GPU decode loop (model/generation/device_loop.py), with nothing read
+    back to the host: per generation the settings, a generator on the device seeded once (a seed
+    gives the same tokens on every run on that device; not the CPU's, which draws differently),
+    and the seen-token mask of the repetition penalty."""
+
+    def __init__(self, config, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int):
+        self.config = config
+        self.greedy = is_greedy(config)
+        self.generator = None
+        if not self.greedy and config.seed is not None:
+            self.generator = torch.Generator(device=prompt_ids.device).manual_seed(int(config.seed))
+        self.seen = None
+        if config.repetition_penalty != 1.0:
+            self.seen = seen_mask(prompt_ids, vocab_size, attention_mask)  # (B, V) bool
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) -> ids (B,) long, on the logits' device."""
+        logits = process_logits(logits, self.config, self.seen)
+        if self.greedy:
+            return logits.argmax(-1)
+        return race_draw(logits.softmax(-1), self.generator)  # filtered entries have p = 0
+
+    def observe(self, ids: torch.Tensor) -> None:
+        """Count ids (B,) as seen (for the repetition penalty of the next steps)."""
+        if self.seen is not None:
+            mark_seen(self.seen, ids)

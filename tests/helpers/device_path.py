@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from model.generate import Done, GenerationConfig, GenerationStream, _Run, default_config
+from model.generation.generate import (Done, GenerationConfig, GenerationStream, Step, _Run, default_config,
+                                       prompt_positions)
 
 
 def device_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                     config: GenerationConfig | None = None, **inputs) -> torch.Tensor:
-    """Like ``model.generate.generate`` but through ``cuda_loop`` whatever the model's device."""
-    from model.backends.cuda.loop import cuda_loop
+    """Like ``model.generation.generate.generate`` but through ``device_loop`` whatever the model's device."""
+    from model.generation.device_loop import device_loop
 
     device = next(model.parameters()).device
     config = config or default_config(model)
@@ -22,7 +23,9 @@ def device_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                                          "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
     vision = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vision.items()}
     run = _Run(input_ids, attention_mask, device)
-    for event in GenerationStream(cuda_loop(model, run, config, vision, None), run):
+    positions = prompt_positions(model, input_ids, attention_mask, vision["mm_token_type_ids"],
+                                 vision["image_grid_thw"], vision["video_grid_thw"])
+    for event in GenerationStream(device_loop(model, run, config, vision, None, positions, Step), run):
         if isinstance(event, Done):
             return event.sequences
     raise AssertionError("no Done event")

@@ -4,7 +4,8 @@ Legend: B = batch rows, L = cache slots (capacity), H = hidden, Hq / Hkv = query
 G = Hq / Hkv, D = head dim, V = vocabulary.
 
 A ``DecodeRunner`` belongs to one batch size and one cache capacity (a power of two, at least
-``MIN_CAPACITY``). It owns the KV cache (the prefill writes into it eagerly) and static inputs:
+``MIN_CAPACITY``; model/generation/device_loop.py keeps one per size it met). It owns the KV
+cache (a ``StaticKVCache``; the prefill writes into it eagerly) and static inputs:
 ``tokens`` (B,), ``positions`` (3, B) the RoPE position of each new token, ``slot`` (1,) its cache
 slot, ``visible`` (B, L) which slots each row may attend (the prompt's real tokens, then every
 slot written since). ``step()`` runs one token for every row into ``logits`` (B, V) fp32:
@@ -22,18 +23,14 @@ slot written since). ``step()`` runs one token for every row into ``logits`` (B,
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
 from model.backends.cuda.moe import modality_moe, swiglu
 from model.backends.cuda.ops import add_rms_norm, rope_qkv_to_cache
-from model.kv_cache import StaticKVCache
-from model.rope import _text_tables
 
 MIN_CAPACITY = 256
-MAX_RUNNERS = 4  # (batch, capacity) pairs kept per model, least recently used dropped first
 
 
 def graphs_enabled() -> bool:
@@ -44,20 +41,6 @@ def graphs_enabled() -> bool:
 def capacity_for(needed: int) -> int:
     """The cache capacity bucket for ``needed`` slots: the next power of two, at least MIN_CAPACITY."""
     return max(MIN_CAPACITY, 1 << (max(needed, 1) - 1).bit_length())
-
-
-def runner_for(model, batch: int, needed_slots: int) -> "DecodeRunner":
-    """The model's runner for this batch size and a capacity of at least ``needed_slots`` (made,
-    and its graph captured, on first use)."""
-    runners: OrderedDict = model.__dict__.setdefault("_cuda_decode_runners", OrderedDict())
-    capacity = capacity_for(needed_slots)
-    key = next((k for k in runners if k[0] == batch and capacity <= k[1] <= 4 * capacity), (batch, capacity))
-    if key not in runners:
-        while len(runners) >= MAX_RUNNERS:
-            runners.popitem(last=False)
-        runners[key] = DecodeRunner(model, batch, key[1], use_graph=graphs_enabled())
-    runners.move_to_end(key)
-    return runners[key]
 
 
 @torch.no_grad()
@@ -92,20 +75,22 @@ def _fuse(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
 class DecodeRunner:
     """Static buffers, the decode step, and its CUDA graph for one (batch, capacity); see the module."""
 
-    def __init__(self, model, batch: int, capacity: int, use_graph: bool = True):
+    def __init__(self, model, cache, rope_tables: tuple[torch.Tensor, torch.Tensor], use_graph: bool = True):
+        """cache: an empty ``StaticKVCache`` (B rows, L slots) on the model's device; rope_tables:
+        (inv_freq (D/2,) fp32, axis (D/2,) long) of model/rope.py, the frequency and driving axis
+        of every (even, odd) pair."""
         fuse_projections(model)
-        self.model, self.batch, self.capacity = model, batch, capacity
-        text = model.config.text
+        self.model, self.cache = model, cache
+        self.batch, self.capacity = cache.batch_size, cache.max_len
         weight = model.output_weight
-        device, dtype = weight.device, weight.dtype
-        self.cache = StaticKVCache(text, batch, capacity, dtype, device)
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(3, batch, dtype=torch.long, device=device)
+        device = weight.device
+        B, L = self.batch, self.capacity
+        self.tokens = torch.zeros(B, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, B, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.visible = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.logits = torch.zeros(batch, text.vocab_size, dtype=torch.float32, device=device)
-        inv_freq, axis = _text_tables(float(text.rope_theta), text.head_dim, tuple(text.mrope_section))
-        self._inv_freq, self._axis = inv_freq.to(device), axis.to(device)
+        self.visible = torch.zeros(B, L, dtype=torch.bool, device=device)
+        self.logits = torch.zeros(B, model.config.text.vocab_size, dtype=torch.float32, device=device)
+        self._inv_freq, self._axis = (t.to(device) for t in rope_tables)
         self.graph = None
         if use_graph and device.type == "cuda":
             self._capture()

@@ -1,5 +1,7 @@
-"""The decode loop on a GPU: the prefill eagerly, then one graph replay per token, sampling on the
-device, and the new ids copied back one step behind so the host never stalls the device.
+"""The decode loop on a GPU: the prefill eagerly, then one graph replay per token
+(model/backends/cuda/decode.py), sampling on the device, and the new ids copied back one step
+behind so the host never stalls the device. The same loop runs on a CPU in tests (eager steps,
+Triton's interpreter, no pinned memory or events).
 
 Legend: B = batch rows, P = prompt length (padded), N = max_new_tokens.
 
@@ -13,19 +15,39 @@ the pad id on the device as well, so the tokens the device feeds back match what
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Iterator
 
 import torch
 
-from model.backends.cuda.decode import runner_for
-from model.backends.cuda.sampling import DeviceSampler
-from model.kv_cache import StaticKVCache
+from model.backends.cuda.decode import DecodeRunner, capacity_for, graphs_enabled
+from model.generation.kv_cache import StaticKVCache
+from model.generation.sampling import DeviceSampler
+from model.rope import text_rope_tables
+
+MAX_RUNNERS = 4  # (batch, capacity) pairs kept per model, least recently used dropped first
 
 
-def cuda_loop(model, run, config, vision: dict, cancel) -> Iterator:
-    """``model.generate._loop`` for a model on a GPU (same events, same bookkeeping in ``run``)."""
-    from model.generate import Step, _forward, prompt_positions
+def runner_for(model, batch: int, needed_slots: int) -> DecodeRunner:
+    """The model's runner for this batch size and a capacity of at least ``needed_slots`` (made,
+    and its graph captured, on first use; a runner up to 4x larger is reused)."""
+    runners: OrderedDict = model.__dict__.setdefault("_cuda_decode_runners", OrderedDict())
+    capacity = capacity_for(needed_slots)
+    key = next((k for k in runners if k[0] == batch and capacity <= k[1] <= 4 * capacity), (batch, capacity))
+    if key not in runners:
+        while len(runners) >= MAX_RUNNERS:
+            runners.popitem(last=False)
+        text, weight = model.config.text, model.output_weight
+        cache = StaticKVCache(text, batch, key[1], weight.dtype, weight.device)
+        runners[key] = DecodeRunner(model, cache, text_rope_tables(text), use_graph=graphs_enabled())
+    runners.move_to_end(key)
+    return runners[key]
 
+
+@torch.no_grad()
+def device_loop(model, run, config, vision: dict, cancel, positions: torch.Tensor, step_event) -> Iterator:
+    """``model.generation.generate._loop`` for a model on a GPU: the same events (``step_event``
+    is its ``Step``) and the same bookkeeping in ``run``; ``positions`` (3, B, P) of the prompt."""
     ids, attn = run.input_ids, run.attention_mask
     B, P = ids.shape
     N = config.max_new_tokens
@@ -46,11 +68,8 @@ def cuda_loop(model, run, config, vision: dict, cancel) -> Iterator:
     finished = torch.zeros(B, dtype=torch.bool)
     run.reasons = [None] * B
 
-    positions = prompt_positions(model, ids, attn, vision["mm_token_type_ids"],
-                                 vision["image_grid_thw"], vision["video_grid_thw"])
-    out = _forward(model, input_ids=ids, attention_mask=attn, position_ids=positions,
-                   past_key_values=cache, cache_position=torch.arange(P, device=device),
-                   logits_to_keep=1, **vision)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
+                cache_position=torch.arange(P, device=device), logits_to_keep=1, **vision)
     logits = out.logits[:, -1]
     if runner:
         runner.positions.copy_(positions[:, :, -1] + 1)  # (3, B): the first new token's position
@@ -76,7 +95,7 @@ def cuda_loop(model, run, config, vision: dict, cancel) -> Iterator:
             events[i % 2].synchronize()
         tok_host = host[i % 2].clone()
         finished = run.record(tok_host, finished, eos_host)
-        yield Step(tok_host, i)
+        yield step_event(tok_host, i)
         if bool(finished.all()) or (cancel is not None and cancel.is_set()):
             break
     cancelled = cancel is not None and cancel.is_set() and not bool(finished.all())
