@@ -23,7 +23,7 @@ app = typer.Typer(
     help="Run Baidu's ERNIE 4.5 VL locally: describe images and videos, chat, manage models.",
 )
 
-GEN, MEDIA, LOAD, OUT = "Generation", "Media", "Model", "Output"
+GEN, MEDIA, LOAD, OUT, SERVE = "Generation", "Media", "Model", "Output", "Server"
 
 
 def _opt(*names: str, env: str, help: str, panel: str = GEN, **kw):
@@ -38,6 +38,9 @@ DtypeName = Enum("DtypeName", {d: d for d in DTYPES}, type=str)
 Device = Annotated[DeviceName, _opt("--device", env="DEVICE", panel=LOAD, help="Where to run.")]
 Dtype = Annotated[DtypeName, _opt("--dtype", env="DTYPE", panel=LOAD, help="Weight precision.")]
 Offline = Annotated[bool, _opt("--offline", env="OFFLINE", panel=LOAD, help="Never touch the network.")]
+ServerUrl = Annotated[Optional[str], _opt("--server", env="SERVER", panel=LOAD,
+                                          help="Answer on this OpenAI-compatible server (ernie serve, vLLM...).")]
+ApiKey = Annotated[Optional[str], _opt("--api-key", env="API_KEY", panel=LOAD, help="Bearer key for the server.")]
 MaxNew = Annotated[Optional[int], _opt("--max-new-tokens", "-n", env="MAX_NEW_TOKENS", help="Answer length limit.", min=1)]
 Temp = Annotated[Optional[float], _opt("--temperature", "-t", env="TEMPERATURE", help="0 = greedy.", min=0.0)]
 TopP = Annotated[Optional[float], _opt("--top-p", env="TOP_P", help="Nucleus sampling mass.", min=0.0, max=1.0)]
@@ -87,7 +90,8 @@ def describe(
     prompt: Annotated[Optional[str], _opt("--prompt", "-p", env="PROMPT", help="What to ask (default: describe).")] = None,
     prompt_file: Annotated[Optional[Path], _opt("--prompt-file", env="PROMPT_FILE", help="Read the prompt from a file.")] = None,
     model: Model = DEFAULT_MODEL, revision: Revision = None, device: Device = DeviceName.auto, dtype: Dtype = DtypeName.auto,
-    offline: Offline = False, max_new_tokens: MaxNew = None, temperature: Temp = None, top_p: TopP = None,
+    offline: Offline = False, server: ServerUrl = None, api_key: ApiKey = None,
+    max_new_tokens: MaxNew = None, temperature: Temp = None, top_p: TopP = None,
     top_k: TopK = None, min_p: MinP = None, repetition_penalty: RepPen = None, seed: Seed = None, stop: Stop = None,
     system: System = None, system_file: SystemFile = None, think: Think = None, thinking_budget: Budget = None,
     hide_thinking: HideThink = False, fps: Fps = None, max_frames: MaxFrames = None, no_timestamps: NoStamps = False,
@@ -99,7 +103,7 @@ def describe(
 
     run_describe(
         media, prompt=prompt, prompt_file=prompt_file, system=system, system_file=system_file,
-        load=LoadOptions(model, revision, device.value, dtype.value, offline or None),
+        load=LoadOptions(model, revision, device.value, dtype.value, offline or None, server, api_key),
         media_options=MediaOptions(fps, max_frames, not no_timestamps, max_pixels),
         settings=_settings(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, think,
                            thinking_budget),
@@ -111,7 +115,8 @@ def chat(
     media: Annotated[Optional[list[str]], typer.Argument(help="Media attached to your first message.",
                                                          show_default=False, metavar="[MEDIA]...")] = None,
     model: Model = DEFAULT_MODEL, revision: Revision = None, device: Device = DeviceName.auto, dtype: Dtype = DtypeName.auto,
-    offline: Offline = False, max_new_tokens: MaxNew = None, temperature: Temp = None, top_p: TopP = None,
+    offline: Offline = False, server: ServerUrl = None, api_key: ApiKey = None,
+    max_new_tokens: MaxNew = None, temperature: Temp = None, top_p: TopP = None,
     top_k: TopK = None, min_p: MinP = None, repetition_penalty: RepPen = None, seed: Seed = None, stop: Stop = None,
     system: System = None, system_file: SystemFile = None, think: Think = None, thinking_budget: Budget = None,
     hide_thinking: HideThink = False, fps: Fps = None, max_frames: MaxFrames = None, no_timestamps: NoStamps = False,
@@ -122,11 +127,38 @@ def chat(
 
     run_chat(
         media or [], system=system, system_file=system_file,
-        load=LoadOptions(model, revision, device.value, dtype.value, offline or None),
+        load=LoadOptions(model, revision, device.value, dtype.value, offline or None, server, api_key),
         media_options=MediaOptions(fps, max_frames, not no_timestamps, max_pixels),
         settings=_settings(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, think,
                            thinking_budget),
         quiet=quiet, verbose=verbose, hide_thinking=hide_thinking)
+
+
+@app.command()
+def serve(
+    model: Model = DEFAULT_MODEL, revision: Revision = None, device: Device = DeviceName.auto,
+    dtype: Dtype = DtypeName.auto, offline: Offline = False,
+    host: Annotated[str, _opt("--host", env="HOST", panel=SERVE, help="Address to listen on (0.0.0.0: all).")] = "127.0.0.1",
+    port: Annotated[int, _opt("--port", env="PORT", panel=SERVE, help="Port (0: any free one).", min=0, max=65535)] = 8000,
+    api_key: Annotated[Optional[str], _opt("--api-key", env="API_KEY", panel=SERVE,
+                                           help="Require this bearer key on /v1 routes.")] = None,
+    max_batch: Annotated[int, _opt("--max-batch", env="MAX_BATCH", panel=SERVE,
+                                   help="Most requests decoded together.", min=1)] = 16,
+    queue_size: Annotated[int, _opt("--queue-size", env="QUEUE_SIZE", panel=SERVE,
+                                    help="Most requests waiting; more get 503.", min=1)] = 64,
+    max_request_mb: Annotated[float, _opt("--max-request-mb", env="MAX_REQUEST_MB", panel=SERVE,
+                                          help="Largest request body; larger get 413.", min=0.001)] = 64.0,
+    grace: Annotated[float, _opt("--grace", env="GRACE", panel=SERVE,
+                                 help="Seconds answers in flight may finish after SIGTERM.", min=0.0)] = 10.0,
+    fps: Fps = None, max_frames: MaxFrames = None, no_timestamps: NoStamps = False, max_pixels: MaxPixels = None,
+    verbose: Annotated[bool, _opt("--verbose", "-v", env="VERBOSE", panel=OUT, help="Log every request.")] = False,
+) -> None:
+    """Serve the model over OpenAI's chat API: POST /v1/chat/completions, GET /v1/models, GET /health."""
+    from ernie_cli.serve import ServeOptions, run_serve
+
+    run_serve(LoadOptions(model, revision, device.value, dtype.value, offline or None),
+              MediaOptions(fps, max_frames, not no_timestamps, max_pixels),
+              ServeOptions(host, port, api_key, max_batch, queue_size, max_request_mb, grace, verbose))
 
 
 @app.command()

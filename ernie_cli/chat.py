@@ -223,7 +223,7 @@ def run_chat(media_refs: list[str], *, system, system_file, load: LoadOptions, m
     from ernie_cli.engine import make_engine
     from ernie_cli.render import make_renderer, stderr_console
 
-    session = ChatSession(make_engine(), settings, system_prompt(system, system_file))
+    session = ChatSession(make_engine(load.server), settings, system_prompt(system, system_file))
     for ref in media_refs:
         session.pending.append(_part(session.resolver.resolve(ref)))
     err = stderr_console()

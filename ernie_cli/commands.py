@@ -57,7 +57,7 @@ def run_describe(media_refs: list[str], *, prompt, prompt_file, system, system_f
     conversation = [m for m in (system_prompt(system, system_file),) if m]
     conversation.append(user_message(describe_prompt(prompt, prompt_file, media, not uses_stdin), media))
     renderer = make_renderer(fmt, quiet=quiet, verbose=verbose, hide_thinking=hide_thinking)
-    engine = make_engine()
+    engine = make_engine(load.server)
     renderer.status(f"Loading {load.model}…")
     try:
         engine.load(load, media_options)

@@ -85,6 +85,10 @@ class MediaResolver:
                              hint="download the file first and pass its path")
         return check_file(Path(ref).expanduser(), ref)
 
+    def resolve_bytes(self, data: bytes, label: str) -> MediaInput:
+        """Bytes from elsewhere (a request body): sniffed, written to the temp dir, checked like a file."""
+        return self._from_bytes(data, label, label)
+
     def cleanup(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -25,6 +25,8 @@ class LoadOptions:
     device: str = "auto"
     dtype: str = "auto"
     offline: bool | None = None
+    server: str | None = None  # an OpenAI-compatible server's URL: generate there instead (ernie_cli/remote.py)
+    api_key: str | None = None  # its bearer key
 
 
 @dataclass(frozen=True)

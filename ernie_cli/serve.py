@@ -1,0 +1,370 @@
+"""`ernie serve`: the loaded model behind an OpenAI-compatible HTTP API (Starlette on uvicorn).
+
+    POST /v1/chat/completions   chat, streamed as server-sent events or answered whole
+    GET  /v1/models             the served model
+    GET  /health                200 while the server runs (no key needed), with the queue's load
+
+Requests are validated by `openai_api` (400 with the field named), media are resolved off the
+event loop (http(s) downloads and data: URLs, checked as `ernie describe` checks files), then the
+job joins `BatchWorker`'s bounded queue (503 when it is full). A streamed answer starts only once
+the prompt is built, so bad media or an over-long prompt still get their 400. A client that goes
+away cancels its job: queued, it is dropped; decoding, its row stops at the next token.
+SIGTERM (or Ctrl-C) stops accepting connections, lets answers in flight finish for `grace`
+seconds, cancels the rest and exits 0 (130 after Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ernie_cli.batcher import BatchWorker, Job, QueueFull
+from ernie_cli.media import MediaResolver
+from ernie_cli.openai_api import (ApiError, ChatRequest, chunk_json, completion_json, models_json, parse_chat_request,
+                                  usage_json)
+from model.errors import ErnieError, MediaError
+
+GONE = object()  # the client disconnected
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    max_body_mb: float = 64.0
+    grace_s: float = 10.0
+    verbose: bool = False
+
+
+def require_serve_extra() -> None:
+    """A one-line error (not an ImportError) when the optional serve dependencies are missing."""
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ErnieError(f"`ernie serve` needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                         "not installed", hint="pip install 'ernie-cli[serve]'")
+
+
+# --- the app -----------------------------------------------------------------------------------------
+
+class Server:
+    """The routes, over one engine and its BatchWorker."""
+
+    def __init__(self, engine, worker: BatchWorker, options: ServeOptions, names: list[str]):
+        self.engine, self.worker, self.options, self.names = engine, worker, options, names
+        self.created = int(time.time())
+
+    def app(self):
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.routing import Route
+
+        routes = [Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                  Route("/v1/models", self.models, methods=["GET"]),
+                  Route("/health", self.health, methods=["GET"])]
+        handlers = {HTTPException: self._http_error, ApiError: self._api_error}
+        return Starlette(routes=routes, exception_handlers=handlers)
+
+    async def health(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok", "model": self.names[0], **self.worker.load})
+
+    async def models(self, request):
+        from starlette.responses import JSONResponse
+
+        self._check_key(request)
+        return JSONResponse(models_json(self.names, self.created))
+
+    async def chat_completions(self, request):
+        self._check_key(request)
+        chat = parse_chat_request(await self._json(request))
+        if chat.model is not None and chat.model not in self.names:
+            raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves {self.names[0]!r}",
+                           param="model", code="model_not_found")
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job = Job(chat.messages, chat.settings, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        watcher = asyncio.ensure_future(_watch_disconnect(request, job, events))
+        resolver, streaming = MediaResolver(), False
+        try:
+            await self._resolve_media(chat, resolver)
+            self._submit(job)
+            _raise_if_failed(await events.get())  # Started: the prompt is built, the media files are read
+            resolver.cleanup()
+            if chat.stream:
+                watcher.cancel()  # the streaming response listens for the disconnect itself
+                streaming = True
+                return self._stream(chat, job, events)
+            return await self._whole(chat, events)
+        finally:
+            watcher.cancel()
+            resolver.cleanup()
+            if not streaming:
+                job.cancel.set()
+
+    # --- request pieces ---------------------------------------------------------------------------
+    def _check_key(self, request) -> None:
+        key = self.options.api_key
+        if not key:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if not given:
+            raise ApiError(401, "missing API key: send the header `Authorization: Bearer KEY`", code="invalid_api_key")
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise ApiError(401, "wrong API key", code="invalid_api_key")
+
+    async def _json(self, request) -> Any:
+        limit = int(self.options.max_body_mb * 1024 * 1024)
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(len(body), limit)
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+
+    async def _resolve_media(self, chat: ChatRequest, resolver: MediaResolver) -> None:
+        import anyio
+
+        if chat.media:
+            try:
+                await anyio.to_thread.run_sync(resolve_media, chat, resolver)
+            except ErnieError as e:
+                raise _as_api_error(e) from None
+
+    def _submit(self, job: Job) -> None:
+        try:
+            self.worker.submit(job)
+        except QueueFull as e:
+            raise ApiError(503, f"the server is busy: {e}; retry later", code="queue_full") from None
+
+    async def _whole(self, chat: ChatRequest, events: asyncio.Queue):
+        from processing.events import Finished
+        from starlette.responses import JSONResponse
+
+        while True:
+            event = await events.get()
+            _raise_if_failed(event)
+            if isinstance(event, Finished):
+                usage = _usage(event)
+                body = completion_json(chat, self.names[0], event.text, event.thinking, event.reason, usage)
+                return JSONResponse(body)
+
+    def _stream(self, chat: ChatRequest, job: Job, events: asyncio.Queue):
+        from starlette.responses import StreamingResponse
+
+        return StreamingResponse(self._sse(chat, job, events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _sse(self, chat: ChatRequest, job: Job, events: asyncio.Queue):
+        from processing.events import Finished, TextDelta, ThinkingDelta
+
+        name = self.names[0]
+        try:
+            yield _sse(chunk_json(chat, name, {"role": "assistant", "content": ""}))
+            while True:
+                event = await events.get()
+                if isinstance(event, TextDelta):
+                    yield _sse(chunk_json(chat, name, {"content": event.text}))
+                elif isinstance(event, ThinkingDelta):
+                    yield _sse(chunk_json(chat, name, {"reasoning_content": event.text}))
+                elif isinstance(event, Finished):
+                    yield _sse(chunk_json(chat, name, {}, reason=event.reason))
+                    if chat.include_usage:
+                        yield _sse(chunk_json(chat, name, None, usage=_usage(event)))
+                    break
+                elif isinstance(event, BaseException) or event is GONE:
+                    error = _as_api_error(event) if event is not GONE else ApiError(499, "client went away")
+                    yield _sse(error.to_json())
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel.set()
+
+    # --- errors -----------------------------------------------------------------------------------
+    async def _api_error(self, request, error: ApiError):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(error.to_json(), status_code=error.status)
+
+    async def _http_error(self, request, error):
+        from starlette.responses import JSONResponse
+
+        message = {404: f"no route {request.method} {request.url.path}", 405: f"method {request.method} is not "
+                   f"allowed on {request.url.path}"}.get(error.status_code, str(error.detail))
+        body = ApiError(error.status_code, message).to_json()
+        return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+
+async def _watch_disconnect(request, job: Job, events: asyncio.Queue) -> None:
+    """Until cancelled: when the client disconnects, cancel its job and wake whoever waits on events."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel.set()
+            events.put_nowait(GONE)
+            return
+
+
+def _raise_if_failed(event) -> None:
+    if event is GONE:
+        raise ApiError(499, "the client closed the connection")
+    if isinstance(event, BaseException):
+        raise _as_api_error(event)
+
+
+def _as_api_error(error: BaseException) -> ApiError:
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, QueueFull):
+        return ApiError(503, f"the server is busy: {error}", code="queue_full")
+    if isinstance(error, ErnieError):
+        hint = getattr(error, "hint", None)
+        return ApiError(400, " ".join(str(error).split()) + (f" (hint: {hint})" if hint else ""))
+    return ApiError(500, f"internal error: {type(error).__name__}: {error}")
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the request body is {size / 2**20:.1f} MB, over the limit of {limit / 2**20:.0f} MB",
+                    code="request_too_large")
+
+
+def _usage(done) -> dict[str, int]:
+    s = done.stats
+    return usage_json(s.prompt_tokens if s else 0, s.completion_tokens if s else 0)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# --- media ---------------------------------------------------------------------------------------------
+
+def resolve_media(chat: ChatRequest, resolver: MediaResolver) -> None:
+    """Fetch or decode every media URL into a checked local file; the parts then point at those files.
+
+    The files live in the resolver's private temp dir until the worker has built the prompt.
+    """
+    for part, ref in chat.media:
+        if ref.url.startswith("data:"):
+            found = resolver.resolve_bytes(data_url_bytes(ref.url), part.source)
+        else:
+            found = resolver.resolve(ref.url)
+        if found.kind != ref.kind:
+            raise MediaError(f"{part.source} is {'an image' if found.kind == 'image' else 'a video'} but was sent "
+                             f"as {ref.kind}_url", hint=f"send it as a {found.kind}_url part")
+        part.value = str(found.path)
+
+
+def data_url_bytes(url: str) -> bytes:
+    """The payload of `data:[MIME][;base64],DATA`; MediaError when it is not one."""
+    head, sep, payload = url.partition(",")
+    if not sep:
+        raise MediaError("a data: URL has no comma before its payload; expected data:MIME;base64,DATA")
+    if head.endswith(";base64"):
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise MediaError(f"the {head[:40]} URL's payload is not valid base64") from None
+    from urllib.parse import unquote_to_bytes
+
+    return unquote_to_bytes(payload)
+
+
+# --- running -------------------------------------------------------------------------------------------
+
+def run_serve(load, media_options, options: ServeOptions) -> None:
+    """Load the model, start the worker, serve until SIGTERM or Ctrl-C; exit 0 (130 after Ctrl-C)."""
+    require_serve_extra()
+    from ernie_cli.engine import make_engine
+
+    engine = make_engine()
+    print(f"Loading {load.model}…", file=sys.stderr, flush=True)
+    engine.load(load, media_options)
+    worker = BatchWorker(engine, options.max_batch, options.max_queue).start()
+    server = Server(engine, worker, options, [load.model])
+    received = _serve(server, options)
+    worker.stop()
+    if received == signal.SIGINT:
+        sys.exit(130)
+
+
+def _serve(server: Server, options: ServeOptions) -> int | None:
+    """Run uvicorn on a socket bound here (a busy port is a one-line error; port 0 picks a free one)."""
+    import uvicorn
+
+    sock = _bind(options.host, options.port)
+    config = uvicorn.Config(server.app(), host=options.host, port=options.port, lifespan="off",
+                            log_level="info" if options.verbose else "warning", access_log=options.verbose,
+                            timeout_graceful_shutdown=options.grace_s + 5)  # a backstop: see _end_after_grace
+    received: list[int] = []
+    # uvicorn re-raises the signal it stopped on once it has shut down; these handlers catch it, so
+    # that a SIGTERM ends in exit status 0 instead of death by signal.
+    previous = {sig: signal.signal(sig, lambda s, f: received.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    host, port = sock.getsockname()[:2]
+    print(f"ernie serve: {server.names[0]} at http://{_url_host(host)}:{port}/v1 (batch {server.worker.max_batch}, "
+          f"queue {server.worker.max_queue}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    uv = uvicorn.Server(config)
+    threading.Thread(target=_end_after_grace, args=(uv, server.worker, options.grace_s), daemon=True).start()
+    try:
+        uv.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    return received[0] if received else None
+
+
+def _end_after_grace(uv, worker: BatchWorker, grace_s: float) -> None:
+    """Once uvicorn stops accepting, give answers in flight `grace_s` seconds, then cancel them all.
+
+    Cancelled answers end as answers do (finish_reason "abort", then [DONE]), so every connection
+    closes cleanly before uvicorn's own, harsher, timeout would cut it.
+    """
+    while not uv.should_exit:
+        time.sleep(0.05)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(worker.load.values()):
+        time.sleep(0.05)
+    worker.stop()
+
+
+def _bind(host: str, port: int):
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ErnieError(f"cannot listen on {host}:{port}: {e.strerror}",
+                         hint="is another server using that port? pick another with --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
