@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ernie_cli.batcher import BatchWorker, Job, QueueFull
+from ernie_cli.batcher import BatchWorker, Job, QueueFull, prepare
 from ernie_cli.media import MediaResolver
 from ernie_cli.openai_api import (ApiError, ChatRequest, chunk_json, completion_json, models_json, parse_chat_request,
                                   usage_json)
@@ -50,9 +50,12 @@ class ServeOptions:
 
 def require_serve_extra() -> None:
     """A one-line error (not an ImportError) when the optional serve dependencies are missing."""
-    import importlib.util
-
-    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    missing = []
+    for name in ("starlette", "uvicorn"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise ErnieError(f"`ernie serve` needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
                          "not installed", hint="pip install 'ernie-cli[serve]'")
@@ -101,15 +104,16 @@ class Server:
         watcher = asyncio.ensure_future(_watch_disconnect(request, job, events))
         resolver, streaming = MediaResolver(), False
         try:
-            await self._resolve_media(chat, resolver)
-            self._submit(job)
-            _raise_if_failed(await events.get())  # Started: the prompt is built, the media files are read
+            start = time.perf_counter()
+            await self._prepare(chat, job, resolver)  # media read, prompt built, context checked: 400s end here
             resolver.cleanup()
+            prepared = time.perf_counter()
+            self._submit(job)
             if chat.stream:
                 watcher.cancel()  # the streaming response listens for the disconnect itself
                 streaming = True
                 return self._stream(chat, job, events)
-            return await self._whole(chat, events)
+            return await self._whole(chat, events, prepared - start)
         finally:
             watcher.cancel()
             resolver.cleanup()
@@ -143,14 +147,18 @@ class Server:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
-    async def _resolve_media(self, chat: ChatRequest, resolver: MediaResolver) -> None:
+    async def _prepare(self, chat: ChatRequest, job: Job, resolver: MediaResolver) -> None:
+        """Off the event loop (these threads run beside the decode loop): fetch media, build the prompt."""
         import anyio
 
-        if chat.media:
-            try:
-                await anyio.to_thread.run_sync(resolve_media, chat, resolver)
-            except ErnieError as e:
-                raise _as_api_error(e) from None
+        def work():
+            resolve_media(chat, resolver)
+            job.prepared = prepare(self.engine, chat.messages, chat.settings)
+
+        try:
+            await anyio.to_thread.run_sync(work)
+        except ErnieError as e:
+            raise _as_api_error(e) from None
 
     def _submit(self, job: Job) -> None:
         try:
@@ -158,17 +166,20 @@ class Server:
         except QueueFull as e:
             raise ApiError(503, f"the server is busy: {e}; retry later", code="queue_full") from None
 
-    async def _whole(self, chat: ChatRequest, events: asyncio.Queue):
+    async def _whole(self, chat: ChatRequest, events: asyncio.Queue, prepare_s: float):
         from processing.events import Finished
         from starlette.responses import JSONResponse
 
+        started = time.perf_counter()
         while True:
             event = await events.get()
             _raise_if_failed(event)
             if isinstance(event, Finished):
                 usage = _usage(event)
                 body = completion_json(chat, self.names[0], event.text, event.thinking, event.reason, usage)
-                return JSONResponse(body)
+                # the model's share of the request (building the prompt; queue and decoding); the rest is HTTP's
+                timing = f"prepare;dur={prepare_s * 1000:.2f}, engine;dur={(time.perf_counter() - started) * 1000:.2f}"
+                return JSONResponse(body, headers={"Server-Timing": timing})
 
     def _stream(self, chat: ChatRequest, job: Job, events: asyncio.Queue):
         from starlette.responses import StreamingResponse

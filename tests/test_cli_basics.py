@@ -27,11 +27,13 @@ def _imported_modules(args: list[str], tmp_path) -> set[str]:
     return {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"], ["describe", "--help"], ["chat", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["describe", "--help"], ["chat", "--help"],
+                                  ["serve", "--help"]])
 def test_help_and_version_never_import_torch(args, tmp_path):
     modules = _imported_modules(args, tmp_path)
     assert "typer" in modules  # the measurement works
-    heavy = {m for m in modules if m.split(".")[0] in ("torch", "transformers", "numpy", "PIL", "av", "cv2")}
+    heavy = {m for m in modules if m.split(".")[0] in ("torch", "transformers", "numpy", "PIL", "av", "cv2",
+                                                       "starlette", "uvicorn")}
     assert not heavy, sorted(heavy)[:10]
 
 

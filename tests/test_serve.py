@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from tests.helpers.cli import TRACEBACK, run_ernie  # noqa: E402
+from tests.helpers.cli import TRACEBACK, assert_one_line_error, run_ernie  # noqa: E402
 from tests.helpers.media import encode, make_image, png_with_declared_size  # noqa: E402
 from tests.helpers.server import Served, connection, data_url, request, sse_payloads, stream, user, wait_until  # noqa: E402
 
@@ -304,3 +304,60 @@ def test_busy_port_is_a_one_line_error(served, tmp_path):
     proc = run_ernie(["serve", "--model", "ernie-tiny", "--port", str(served.port)], tmp_path)
     assert proc.returncode == 1 and TRACEBACK not in proc.stderr_text
     assert "cannot listen on 127.0.0.1" in proc.stderr_text and "hint: " in proc.stderr_text
+
+
+# --- the --server client against this server --------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [[str(IMAGE)], [str(VIDEO)], [str(IMAGE), str(VIDEO2), "-p", "What is there?"]])
+def test_client_answers_as_describe_does(served, tmp_path, args):
+    local = run_ernie(["describe", *args, "--model", "ernie-tiny", "--json"], tmp_path)
+    remote = run_ernie(["describe", *args, "--server", served.url, "--api-key", KEY, "--json"], tmp_path)
+    assert remote.returncode == 0, remote.stderr_text
+    mine, theirs = json.loads(local.stdout_text), json.loads(remote.stdout_text)
+    for key in ("text", "thinking", "finish_reason", "usage", "model"):
+        assert theirs[key] == mine[key], key
+    plain = run_ernie(["describe", *args, "--server", served.url], tmp_path, ERNIE_API_KEY=KEY)
+    assert plain.returncode == 0 and plain.stdout_text == mine["text"] + "\n"
+
+
+def test_client_jsonl_and_thinking_match_local(served, tmp_path):
+    args = [str(IMAGE), "--think", "-n", "12"]
+    local = run_ernie(["describe", *args, "--model", "ernie-tiny", "--jsonl"], tmp_path)
+    remote = run_ernie(["describe", *args, "--server", served.url, "--api-key", KEY, "--jsonl"], tmp_path)
+    events = [json.loads(line) for line in remote.stdout_text.splitlines()]
+    expected = [json.loads(line) for line in local.stdout_text.splitlines()]
+    assert events[-1]["thinking"] == expected[-1]["thinking"] and events[-1]["text"] == expected[-1]["text"]
+    assert "".join(e["text"] for e in events if e["type"] == "thinking_delta") == expected[-1]["thinking"]
+    shown = run_ernie(["describe", *args, "--server", served.url, "--api-key", KEY], tmp_path)
+    plain = run_ernie(["describe", *args, "--model", "ernie-tiny"], tmp_path)
+    assert expected[-1]["thinking"].strip() in shown.stderr_text
+    assert (shown.stdout_text, shown.stderr_text) == (plain.stdout_text, plain.stderr_text)
+
+
+def test_client_chat_keeps_the_conversation(served, tmp_path):
+    lines = "Describe this image.\nWhat colour is the triangle?\n"
+    local = run_ernie(["chat", str(IMAGE), "--model", "ernie-tiny"], tmp_path, input=lines)
+    remote = run_ernie(["chat", str(IMAGE), "--server", served.url, "--api-key", KEY], tmp_path, input=lines)
+    assert remote.returncode == 0, remote.stderr_text
+    assert remote.stdout_text == local.stdout_text and len(remote.stdout_text.splitlines()) == 2
+
+
+def test_client_with_a_wrong_key_says_what_the_server_said(served, tmp_path):
+    proc = run_ernie(["describe", str(IMAGE), "--server", served.url, "--api-key", "nope"], tmp_path)
+    line = assert_one_line_error(proc, "answered 401", "wrong API key")
+    assert "--api-key" in proc.stderr_text.split(line, 1)[1]
+    proc = run_ernie(["describe", str(IMAGE), "--server", served.url, "-n", "100000000"], tmp_path,
+                     ERNIE_API_KEY=KEY)
+    assert_one_line_error(proc, "answered 400", "context")
+
+
+def test_serve_without_the_extra_is_a_one_line_error_with_the_pip_hint(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['starlette'] = None; sys.argv = ['ernie', 'serve', '--model', 'ernie-tiny']\n"
+            "from ernie_cli.app import main; main()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1 and TRACEBACK not in proc.stderr
+    assert proc.stderr.splitlines() == ["error: `ernie serve` needs starlette, which is not installed",
+                                        "hint: pip install 'ernie-cli[serve]'"]
