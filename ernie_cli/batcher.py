@@ -164,7 +164,7 @@ class BatchWorker:
         return fit
 
     def _decode(self, rows: list["_Row"]) -> None:
-        from model.generate import Done, stream_generate
+        from model.generation.generate import Done, stream_generate
 
         engine = self.engine
         config = engine.generation_config(rows[0].prepared.settings).replace(
@@ -239,7 +239,7 @@ class _Row:
                 self.job.emit(piece)
 
     def _stats(self):
-        from model.stats import GenerationStats
+        from model.generation.stats import GenerationStats
 
         now = time.perf_counter()
         ttft = (self.first or now) - self.start

@@ -220,7 +220,7 @@ def load_transcript(path: Path, session: ChatSession) -> None:
 
 def run_chat(media_refs: list[str], *, system, system_file, load: LoadOptions, media_options: MediaOptions,
              settings: GenerationSettings, quiet: bool, verbose: bool, hide_thinking: bool) -> None:
-    from ernie_cli.engine import make_engine
+    from ernie_cli.engines import make_engine
     from ernie_cli.render import make_renderer, stderr_console
 
     session = ChatSession(make_engine(load.server), settings, system_prompt(system, system_file))

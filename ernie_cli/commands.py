@@ -49,7 +49,7 @@ def describe_prompt(prompt: str | None, prompt_file: Path | None, media: list[Me
 def run_describe(media_refs: list[str], *, prompt, prompt_file, system, system_file, load: LoadOptions,
                  media_options: MediaOptions, settings: GenerationSettings, fmt: str, quiet: bool, verbose: bool,
                  hide_thinking: bool) -> None:
-    from ernie_cli.engine import make_engine
+    from ernie_cli.engines import make_engine
     from ernie_cli.render import make_renderer
 
     uses_stdin = "-" in media_refs

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Protocol
 
 from ernie_cli.media import MediaInput
 from ernie_cli.settings import TINY_MODEL, GenerationSettings, LoadOptions, MediaOptions, Message
-from model.errors import ModelNotFoundError
+from model.errors import ErnieError, ModelNotFoundError
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -261,10 +261,7 @@ def _drain(events: queue.Queue, cancel: threading.Event) -> Iterator[Any]:
         yield event
 
 
-def make_engine(server: str | None = None) -> Engine:
-    """The embedded model, or with `server` (an OpenAI-compatible URL) a client of that server."""
-    if server:
-        from ernie_cli.remote import RemoteEngine
-
-        return RemoteEngine()
+def make_engine(backend: str = "torch") -> Engine:
+    if backend != "torch":
+        raise ErnieError(f"unknown backend {backend!r}; expected 'torch'")
     return TorchEngine()

@@ -194,7 +194,7 @@ class _StreamReader:
             self.reason = choice.get("finish_reason") or self.reason
 
     def stats(self, start: float):
-        from model.stats import GenerationStats
+        from model.generation.stats import GenerationStats
 
         if not self.usage:
             return None
