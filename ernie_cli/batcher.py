@@ -1,15 +1,17 @@
-"""Many conversations, one model: a bounded queue in front of a batched decode loop.
+"""Many conversations, one model: a bounded queue in front of the continuous-batching scheduler.
 
-`BatchWorker` owns a loaded `TorchEngine` and one thread. Callers `submit(Job)` from any thread
-(QueueFull when `max_queue` jobs already wait); each job's `emit` receives, from the worker thread,
-`Started` once its prompt is built, then `TextDelta` / `ThinkingDelta` pieces, then one `Finished`
-— or a single exception (an `ErnieError` for bad media or an over-long prompt).
+`BatchWorker` owns a loaded `TorchEngine`, a `model.generation.scheduler.Scheduler` and one
+thread that steps it. Callers `submit(Job)` from any thread (QueueFull when `max_queue` jobs
+already wait); each job's `emit` receives, from the worker thread, `Started` if the worker built
+its prompt, then `TextDelta` / `ThinkingDelta` pieces, then one `Finished` — or a single exception
+(an `ErnieError` for bad media or an over-long prompt).
 
-Jobs that can share a decode loop (the same sampling settings; greedy ones always can) are decoded
-together as one left-padded batch of up to `max_batch` rows: each row keeps its own detokenizer,
-stop strings, thinking splitter and answer length, and stops on its own; the batch ends when every
-row has. A job whose `cancel` is set (its client went away) stops at the next token. Greedy rows
-give the same tokens as they would alone (the decode loop ignores padding).
+The scheduler decodes up to `max_batch` requests together, each in its own cache row with its own
+sampling settings, admits waiting requests as rows free up, and gives every greedy request the
+tokens it would get alone. This module adds what the text side needs per request: the
+detokenizer with its stop strings, the thinking splitter, and cancellation when a client goes
+away (`job.cancel`). Prompts are best built before `submit` (`prepare()`, e.g. in a request's
+own thread) so that media decoding runs beside the decode loop instead of inside it.
 """
 
 from __future__ import annotations
@@ -24,10 +26,6 @@ from typing import Any, Callable
 from ernie_cli.media import MediaInput
 from ernie_cli.settings import GenerationSettings, Message
 from model.errors import ContextLengthError
-
-BATCH_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "think", "thinking_budget")
-TENSOR_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "moe_mm_token_type_ids")
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 class QueueFull(Exception):
@@ -47,7 +45,7 @@ class Job:
     settings: GenerationSettings
     emit: Callable[[Any], None]
     cancel: threading.Event = field(default_factory=threading.Event)
-    prepared: Any = None  # _Prepared, once the worker built its inputs
+    prepared: Any = None  # _Prepared: built by prepare() before submit, or by the worker
 
 
 @dataclass
@@ -62,11 +60,14 @@ class _Prepared:
 
 class BatchWorker:
     def __init__(self, engine, max_batch: int = 16, max_queue: int = 64):
+        from model.generation.scheduler import Scheduler
+
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
-        self._queue: collections.deque[Job] = collections.deque()
-        self._cv = threading.Condition()
+        self.scheduler = Scheduler(engine.model, max_batch=max_batch)
+        self._inbox: collections.deque[Job] = collections.deque()  # jobs whose prompt the worker builds
+        self._rows: dict[int, _Row] = {}  # request id -> row, for every job handed to the scheduler
+        self._lock = threading.Lock()
         self._stopping = False
-        self._running: list[Job] = []
         self._thread = threading.Thread(target=self._run, name="ernie-batcher", daemon=True)
 
     # --- callers' side ----------------------------------------------------------------------------
@@ -75,160 +76,139 @@ class BatchWorker:
         return self
 
     def submit(self, job: Job) -> None:
-        with self._cv:
+        with self._lock:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests are already waiting (the queue holds {self.max_queue})")
-            self._queue.append(job)
-            self._cv.notify()
+            waiting = len(self._inbox) + self.scheduler.num_waiting
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting (the queue holds {self.max_queue})")
+            if job.prepared is None:
+                self._inbox.append(job)
+            else:
+                self._hand_over(job)
+        self.scheduler.wake()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel what is queued or running and wait for the thread (at most `timeout` s)."""
-        with self._cv:
+        """Cancel what is queued or running (answers end as 'interrupted') and wait for the thread."""
+        with self._lock:
             self._stopping = True
-            waiting, self._queue = list(self._queue), collections.deque()
-            for job in waiting + self._running:
-                job.cancel.set()
-            self._cv.notify_all()
+            waiting, self._inbox = list(self._inbox), collections.deque()
         for job in waiting:
             job.emit(QueueFull("the server is shutting down"))
-        if self._thread.is_alive():
+        self.scheduler.cancel_all("interrupted")
+        self.scheduler.wake()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     @property
     def load(self) -> dict[str, int]:
-        with self._cv:
-            return {"waiting": len(self._queue), "running": len(self._running)}
+        """Jobs waiting for a row, and jobs with a row (or being admitted to one)."""
+        with self._lock:
+            waiting, handed = len(self._inbox) + self.scheduler.num_waiting, len(self._rows)
+        return {"waiting": waiting, "running": max(handed - self.scheduler.num_waiting, 0)}
 
     # --- the worker thread ------------------------------------------------------------------------
+    def _hand_over(self, job: Job) -> None:
+        """Submit a prepared job to the scheduler (under self._lock)."""
+        p = job.prepared
+        config = self.engine.generation_config(p.settings).replace(max_new_tokens=p.max_new)
+        request = self.scheduler.submit(p.inputs, config)
+        self._rows[request.id] = _Row(job, self.engine, request)
+
     def _run(self) -> None:
         while True:
-            with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
+            self._prepare_inbox()
+            with self._lock:
+                if self._stopping and not self.scheduler.has_work:
                     return
-                batch = self._take()
-                self._running = batch
-            try:
-                self._serve(batch)
-            finally:
-                with self._cv:
-                    self._running = []
+            if not self.scheduler.wait_for_work(timeout=0.1):
+                continue
+            self._cancel_gone()
+            for event in self.scheduler.step():
+                try:
+                    self._deliver(event)
+                except Exception as e:  # a failing detokenizer or sink fails its own job, not the worker
+                    self._fail(event.request.id, e)
 
-    def _take(self) -> list[Job]:
-        """The oldest job and every waiting job that can share its decode loop (up to max_batch)."""
-        first = self._queue.popleft()
-        key, batch, rest = batch_key(first.settings), [first], collections.deque()
-        while self._queue:
-            job = self._queue.popleft()
-            (batch if len(batch) < self.max_batch and batch_key(job.settings) == key else rest).append(job)
-        self._queue = rest
-        return batch
-
-    def _serve(self, jobs: list[Job]) -> None:
-        rows = [job for job in jobs if self._prepare(job)]
-        rows = self._fit(rows)
-        if rows:
-            try:
-                self._decode([_Row(job, self.engine) for job in rows])
-            except Exception as e:  # a failure of the decode loop fails every row still open
-                for job in rows:
-                    job.emit(e)
-
-    def _prepare(self, job: Job) -> bool:
-        if job.cancel.is_set():
-            return False
-        if job.prepared is None:
+    def _prepare_inbox(self) -> None:
+        while True:
+            with self._lock:
+                if not self._inbox:
+                    return
+                job = self._inbox.popleft()
+            if job.cancel.is_set():
+                continue
             try:
                 job.prepared = prepare(self.engine, job.conversation, job.settings)
+                with self._lock:
+                    self._hand_over(job)
             except Exception as e:  # bad media, context too long, processor errors: this job only
                 job.emit(e)
-                return False
+                continue
             job.emit(Started(job.prepared.prompt_tokens))
-        return True
 
-    def _fit(self, rows: list[Job]) -> list[Job]:
-        """Rows whose padded batch fits the context; the others go back to the front of the queue."""
-        limit = self.engine.model.config.text.max_position_embeddings
-        fit: list[Job] = []
-        for job in rows:
-            width = max(j.prepared.prompt_tokens for j in fit + [job])
-            if not fit or width + max(j.prepared.max_new for j in fit + [job]) <= limit:
-                fit.append(job)
-        later = [job for job in rows if all(job is not f for f in fit)]
-        if later:
-            with self._cv:
-                self._queue.extendleft(reversed(later))
-        return fit
-
-    def _decode(self, rows: list["_Row"]) -> None:
-        from model.generation.generate import Done, stream_generate
-
-        engine = self.engine
-        config = engine.generation_config(rows[0].prepared.settings).replace(
-            max_new_tokens=max(r.prepared.max_new for r in rows))
-        param = next(engine.model.parameters())
-        tensors = collate([r.prepared.inputs for r in rows], engine.processor.tokenizer.pad_token_id or 0)
-        tensors = {k: v.to(param.device, param.dtype if v.is_floating_point() else None) for k, v in tensors.items()}
-        eos = set(config.eos_token_id)
-        all_done = threading.Event()
-        start = time.perf_counter()
+    def _cancel_gone(self) -> None:
+        """Jobs whose client went away end at this step; all of them once the worker stops (a request
+        that was being admitted while `stop` ran is cancelled here too)."""
+        with self._lock:
+            rows, stopping = list(self._rows.values()), self._stopping
         for row in rows:
-            row.start = start
-        for step in stream_generate(engine.model, **tensors, config=config, cancel=all_done):
-            if isinstance(step, Done):
-                break
-            for row, token in zip(rows, step.token_ids.tolist()):
-                if not row.done:
-                    row.push(token, token in eos)
-            if self._stopping or all(r.done for r in rows):
-                all_done.set()
-        for row in rows:
-            if not row.done:
-                row.finish("interrupted" if self._stopping or row.job.cancel.is_set() else "length")
+            if (stopping or row.job.cancel.is_set()) and not row.request.done:
+                row.request.cancel("interrupted")
+
+    def _fail(self, request_id: int, error: Exception) -> None:
+        with self._lock:
+            row = self._rows.pop(request_id, None)
+        if row is not None:
+            row.request.cancel("error")
+            row.job.emit(error)
+
+    def _deliver(self, event) -> None:
+        from model.generation.scheduler import RequestDone
+
+        with self._lock:
+            row = self._rows.get(event.request.id)
+        if row is None:
+            return
+        if not isinstance(event, RequestDone):
+            return row.push(event.token_id)
+        with self._lock:
+            self._rows.pop(event.request.id, None)
+        if event.error is not None:
+            return row.job.emit(event.error)
+        row.finish(event.reason, event.stats)
 
 
 class _Row:
-    """One job's state inside a batch: its own decoder, stop strings, splitter and token count."""
+    """One job's text side: its detokenizer (stop strings), thinking splitter and answer so far."""
 
-    def __init__(self, job: Job, engine):
+    def __init__(self, job: Job, engine, request):
         from processing.detokenize import StreamDecoder
         from processing.thinking import ThinkSplitter
 
-        self.job, self.engine, self.prepared = job, engine, job.prepared
+        self.job, self.engine, self.request, self.prepared = job, engine, request, job.prepared
         self.decoder = StreamDecoder(engine.processor.tokenizer, skip_special_tokens=True,
                                      stop_strings=tuple(self.prepared.settings.stop))
         self.splitter = ThinkSplitter(start_in_thinking=bool(self.prepared.settings.think))
         self.text: list[str] = []
         self.thinking: list[str] = []
-        self.count, self.done = 0, False
-        self.start = self.first = 0.0
 
-    def push(self, token: int, is_eos: bool) -> None:
-        if self.job.cancel.is_set():
-            return self.finish("interrupted")
-        self.count += 1
-        self.first = self.first or time.perf_counter()
-        if is_eos:
-            return self.finish("stop")
+    def push(self, token: int) -> None:
+        if self.decoder.stopped or self.request.cancel_reason is not None:
+            return
         self._emit(self.splitter.feed(self.decoder.push(token)))
         if self.decoder.stopped:
-            self.finish("stop")
-        elif self.count >= self.prepared.max_new:
-            self.finish("length")
+            self.request.cancel("stop")
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, stats) -> None:
         from processing.events import Finished
 
-        self.done = True
         self._emit(self.splitter.feed(self.decoder.finish()) + self.splitter.finish())
         p = self.prepared
         extra = {"model": self.engine.name, "media": p.media, "load_s": self.engine.load_s,
                  "preprocess_s": p.preprocess_s}
         thinking = "".join(self.thinking) if p.settings.think else None
-        self.job.emit(Finished(reason, self._stats(), "".join(self.text), thinking, extra))
+        self.job.emit(Finished(reason, stats, "".join(self.text), thinking, extra))
 
     def _emit(self, pieces) -> None:
         from processing.events import ThinkingDelta
@@ -238,26 +218,8 @@ class _Row:
                 (self.thinking if isinstance(piece, ThinkingDelta) else self.text).append(piece.text)
                 self.job.emit(piece)
 
-    def _stats(self):
-        from model.generation.stats import GenerationStats
-
-        now = time.perf_counter()
-        ttft = (self.first or now) - self.start
-        decode_s = now - self.first if self.first else 0.0
-        prompt = self.prepared.prompt_tokens
-        return GenerationStats(prompt_tokens=prompt, completion_tokens=self.count, time_to_first_token_s=ttft,
-                               prefill_tokens_per_s=prompt / ttft if ttft > 0 else 0.0,
-                               decode_tokens_per_s=(self.count - 1) / decode_s if self.count > 1 and decode_s else 0.0,
-                               peak_memory_bytes=0, total_time_s=now - self.start)
-
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-def batch_key(settings: GenerationSettings) -> tuple:
-    """Jobs with equal keys share a decode loop. A seeded sampled job decodes alone (its seed is its own)."""
-    sampled = bool(settings.temperature)
-    return tuple(getattr(settings, k) for k in BATCH_KEYS) + ((object(),) if sampled and settings.seed is not None else ())
-
 
 def prepare(engine, conversation: list[Message], settings: GenerationSettings) -> _Prepared:
     """Build one conversation's model inputs, as `ernie describe` does, and check it fits the context."""
@@ -280,20 +242,3 @@ def prepare(engine, conversation: list[Message], settings: GenerationSettings) -
             hint=f"lower max_tokens to at most {max(limit - prompt, 0)}, or shorten the prompt")
     return _Prepared(settings, inputs, prompt, max_new, media_summary(engine.processor, media, inputs),
                      time.perf_counter() - start)
-
-
-def collate(rows: list, pad_id: int) -> dict:
-    """One-row ModelInputs -> one left-padded batch; pictures and videos concatenated in row order."""
-    import torch
-
-    width = max(r["input_ids"].shape[1] for r in rows)
-    out = {}
-    for key in TENSOR_KEYS:
-        fill = pad_id if key == "input_ids" else 0
-        out[key] = torch.cat([torch.nn.functional.pad(r[key], (width - r[key].shape[1], 0), value=fill)
-                              for r in rows])
-    for key in MEDIA_KEYS:
-        present = [r[key] for r in rows if key in r]
-        if present:
-            out[key] = torch.cat(present)
-    return out

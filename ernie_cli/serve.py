@@ -100,7 +100,7 @@ class Server:
                            param="model", code="model_not_found")
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job = Job(chat.messages, chat.settings, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        job = Job(chat.messages, chat.settings, _sink(loop, events))
         watcher = asyncio.ensure_future(_watch_disconnect(request, job, events))
         resolver, streaming = MediaResolver(), False
         try:
@@ -225,6 +225,17 @@ class Server:
                    f"allowed on {request.url.path}"}.get(error.status_code, str(error.detail))
         body = ApiError(error.status_code, message).to_json()
         return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+
+def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    """The worker thread's way into this request's queue (a no-op once the loop has closed)."""
+    def emit(event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server is gone, nobody listens
+            pass
+
+    return emit
 
 
 async def _watch_disconnect(request, job: Job, events: asyncio.Queue) -> None:
