@@ -1,6 +1,6 @@
-"""Grouped-query self-attention of the text decoder: torch's scaled_dot_product_attention, and on
-CPU the kernels of model/backends/cpu/kernels.py for decode steps (one pass over the cache) and, on AVX512-BF16,
-for causal prefills (torch's flash kernel ran 1024 tokens at 20/4 heads of 128 in 52 ms, ours 18).
+"""Grouped-query self-attention of the text decoder. The attention product itself is the
+backend's ``attention`` (model/backends/base.py: torch's scaled_dot_product_attention; on CPU the
+kernels of model/backends/cpu for decode steps and causal prefills).
 
 Legend: B = batch, T = new tokens, S = key slots (cached + new), Hq / Hkv = query / key-value
 heads, D = head dim.
@@ -8,8 +8,8 @@ heads, D = head dim.
 The mask is built once per forward by ``build_attention_mask`` and shared by all layers. A
 query at cache slot p may see key slot s when s <= p and slot s is not padding. Without padding,
 when the new tokens are the last slots (every prefill, decode step and follow-up turn of one
-conversation), there is no mask tensor: the kernels apply s <= p themselves, and SDPA gets its
-causal flag (T == S) or a mask built for the call. Slots are cache indices, not RoPE positions
+conversation), there is no mask tensor: the backend applies s <= p itself (its kernels directly,
+SDPA through its causal flag when T == S or a mask built for the call). Slots are cache indices, not RoPE positions
 (those differ after an image; see model/positions.py).
 """
 
@@ -19,16 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backends.cpu import kernels
-from model.backends.cpu.linear import Linear
+from model.backends import Linear, select_backend
 from model.config import TextConfig
 from model.rope import rotate_text
-
-
-# Steps of at most this many new tokens on CPU (decode) attend through ``kernels.attn_decode``:
-# torch's flash kernel spends ~2 us per cached token and layer on a query block of one row
-# (2-core EPYC, 20/4 heads of 128: 0.9 ms at 300 cached tokens, 9.6 at 4000; ours 0.08 and 0.55).
-DECODE_MAX_QUERIES = 2
 
 
 class Attention(nn.Module):
@@ -44,6 +37,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(H, self.n_kv_heads * D, bias=bias)
         self.v_proj = Linear(H, self.n_kv_heads * D, bias=bias)
         self.o_proj = Linear(self.n_heads * D, H, bias=bias)
+        self.backend = select_backend(self.o_proj.weight.device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache=None, cache_position: torch.Tensor | None = None,
@@ -63,20 +57,10 @@ class Attention(nn.Module):
         q, k = rotate_text(q, cos[:, -Tq:], sin[:, -Tq:]), rotate_text(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, Hkv, S, D)
-        S = k.shape[2]
         if keep_last and mask is not None:
             mask = mask[:, :, -keep_last:]  # (None stays None: the kept queries are the last ones)
         k, v = k.to(q.dtype), v.to(q.dtype)
-        if Tq <= DECODE_MAX_QUERIES and kernels.attn_decode_applies(q, k, v, mask):
-            out = kernels.attn_decode(q, k, v, mask)  # a decode step: one pass over the cache
-        elif mask is None and kernels.flash_attn_applies(q, k, v):
-            out = kernels.flash_attn(q, k, v, causal=True)  # a prefill on AVX512-BF16, aligned to the end
-        else:
-            causal = mask is None and Tq > 1  # one query aligned to the end sees every slot
-            if causal and Tq < S:  # SDPA's own causal flag would align the queries with the first keys
-                mask, causal = causal_rows(cache_position[-Tq:], S), False
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                 enable_gqa=self.n_heads != self.n_kv_heads)  # (B, Hq, Tq, D)
+        out = self.backend.attention(q, k, v, mask, causal=True)  # (B, Hq, Tq, D); mask None: end-aligned
         out = out.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim)  # (B, Tq, Hq*D)
         return self.o_proj(out)
 

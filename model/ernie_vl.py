@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import build_attention_mask
-from model.backends.cpu.packing import vocab_logits
+from model.backends import Backend, select_backend, use_backend
 from model.checkpoint.hub import DEFAULT_REPO
 from model.checkpoint.loading import load_checkpoint
 from model.config import ErnieVLConfig
@@ -59,8 +59,9 @@ class ErnieVL(nn.Module):
         self.lm_head = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        # a packed copy of output_weight for CPU bf16 inference (model/backends/cpu/packing.py); counted as a buffer
+        # output_weight in the backend's own layout (CPU bf16: oneDNN-packed), or None; counted as a buffer
         self.register_buffer("packed_head", None, persistent=False)
+        self.backend = select_backend(self.output_weight.device)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -88,6 +89,18 @@ class ErnieVL(nn.Module):
         ``model.checkpoint.loading.load_checkpoint`` for dtype, device, offline and pack."""
         return load_checkpoint(cls.from_config, path_or_repo_id, revision=revision, dtype=dtype,
                                device=device, offline=offline, pack=pack)
+
+    def use_backend(self, backend: Backend) -> "ErnieVL":
+        """Run every operation on ``backend`` (the loader calls it with its device's backend)."""
+        return use_backend(self, backend)
+
+    def _apply(self, *args, **kwargs):
+        """``to`` / ``cuda`` / ``cpu``: a model moved to another device kind takes that device's backend."""
+        super()._apply(*args, **kwargs)
+        backend = select_backend(self.output_weight.device)
+        if backend.device_type != self.backend.device_type:
+            self.use_backend(backend)
+        return self
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Prompt + new token ids (model/generation/generate.py)."""
@@ -163,7 +176,7 @@ class ErnieVL(nn.Module):
         hidden, router_logits = self.model(inputs_embeds, position_ids, mask, vision_mask, cache, cache_position,
                                            keep_last)
         hidden = _keep_last(hidden, logits_to_keep)
-        logits = vocab_logits(hidden, self.output_weight, self.packed_head)  # (B, T_kept, V)
+        logits = self.backend.vocab_logits(hidden, self.output_weight, self.packed_head)  # (B, T_kept, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         aux_loss = None
         if output_router_logits:

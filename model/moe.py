@@ -16,14 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backends.cpu.linear import Linear, linear
-from model.backends.cpu.packing import ExpertBank
+from model.backends import Linear, select_backend
 from model.config import TextConfig
-
-# Up to this many (token, expert) slots (decode) a bank runs each chosen expert on views of its
-# weights, grouped on the host; above it (prefill), slots are sorted by expert into segments. No
-# path gathers (copies) expert weights: at batch 1 that would double the bytes read per token.
-GATHER_MAX_SLOTS = 16
 
 
 class MLP(nn.Module):
@@ -68,10 +62,11 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """E SwiGLU experts with stacked weights: gate_up_proj (E, 2I, H) gate rows first, down_proj (E, H, I).
 
-    ``bank`` is None, or an ``ExpertBank`` (model/backends/cpu/packing.py) holding one (gate_up, down) pair per
-    expert: pre-packed after ``pack()`` (CPU bf16 inference), or views of the memory-mapped
-    checkpoint from the loader. The stacked parameters are then released, and ``state_dict``
-    rebuilds them from the bank.
+    ``bank`` is None, or a bank from the backend's load-time layout (on CPU an ``ExpertBank`` of
+    model/backends/cpu/packing.py: one (gate_up, down) pair per expert, oneDNN-packed, or views
+    of the memory-mapped checkpoint) answering ``gate_up(x, e)`` and ``down(h, e)``. The stacked
+    parameters are then released, and ``state_dict`` rebuilds them from the bank (``dense()``).
+    The routed products themselves are the backend's ``experts`` operation.
     """
 
     def __init__(self, num_experts: int, hidden: int, width: int):
@@ -80,8 +75,9 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
         self.bank = None
+        self.backend = select_backend(self.gate_up_proj.device)
 
-    def use_bank(self, bank: ExpertBank) -> None:
+    def use_bank(self, bank: nn.Module) -> None:
         """Run on ``bank`` from now on and drop the stacked parameters."""
         self.bank = bank
         self.gate_up_proj = self.down_proj = None
@@ -93,11 +89,8 @@ class Experts(nn.Module):
         return not self.bank.packed and self.bank.dtype == torch.bfloat16
 
     def pack(self) -> None:
-        """Pack every expert's weights for CPU inference and drop the stacked parameters."""
-        if self.bank is None:
-            self.use_bank(ExpertBank(self.gate_up_proj, self.down_proj))
-        else:
-            self.use_bank(self.bank.repacked())
+        """Lay every expert's weights out for the backend (CPU: oneDNN-packed)."""
+        self.backend.pack_experts(self)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -110,86 +103,26 @@ class Experts(nn.Module):
             names = (prefix + "gate_up_proj", prefix + "down_proj")
             missing_keys.extend(n for n in names if n not in state_dict)
             if all(n in state_dict for n in names):
-                gate_up, down = (state_dict[n] for n in names)
-                if self.bank.packed:
-                    self.bank = ExpertBank(gate_up.to(torch.bfloat16), down.to(torch.bfloat16))
-                else:
-                    dtype, device = self.bank.dtype, self.bank[0][0].device
-                    gate_up, down = (w.to(device=device, dtype=dtype) for w in (gate_up, down))
-                    self.bank = ExpertBank.from_plain(list(zip(gate_up.unbind(0), down.unbind(0))))
+                self.bank = self.bank.reloaded(*(state_dict[n] for n in names))
             state_dict = {k: v for k, v in state_dict.items() if k not in names}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H), experts/weights (N, K) -> weighted sum of the chosen experts' outputs (N, H)."""
-        N, K = experts.shape
-        flat = experts.reshape(-1)  # (S,) with S = N*K: slot n*K + k is token n's k-th choice
-        if flat.numel() <= GATHER_MAX_SLOTS:
-            y = self._grouped(x, flat.tolist(), K)
-        else:
-            y = self._segmented(x, flat, K)
-        # weighted sum over each token's K slots as one batched product: (N, 1, K) @ (N, K, H)
-        # sums in fp32 and rounds once (a product then a sum rounds every product first)
-        return torch.bmm(weights.unsqueeze(1).to(y.dtype), y.view(N, K, -1)).squeeze(1)  # (N, H)
+        return self.backend.experts(self, x, experts, weights)
 
-    def _gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
+    def gate_up(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's fused gate/up projection: x (n, H) -> (n, 2I), gate columns first."""
         if self.bank is not None:
             return self.bank.gate_up(x, e)
-        return linear(x, self.gate_up_proj[e])
+        return self.backend.linear(x, self.gate_up_proj[e])
 
-    def _down(self, h: torch.Tensor, e: int) -> torch.Tensor:
+    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's down projection: h (n, I) -> (n, H)."""
         if self.bank is not None:
             return self.bank.down(h, e)
-        return linear(h, self.down_proj[e])
-
-    @staticmethod
-    def _act(gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)  # (n, I) each
-        return F.silu(gate) * up
-
-    def _swiglu(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e on x (n, H) -> (n, H)."""
-        return self._down(self._act(self._gate_up(x, e)), e)
-
-    def _grouped(self, x: torch.Tensor, flat: list[int], K: int) -> torch.Tensor:
-        """Few slots (decode): each distinct chosen expert runs once on the tokens that chose it."""
-        y = x.new_empty(len(flat), x.shape[-1])  # (S, H)
-        slots_of: dict[int, list[int]] = {}
-        for s, e in enumerate(flat):
-            slots_of.setdefault(e, []).append(s)
-        for e, slots in slots_of.items():
-            if len(slots) == 1:
-                s = slots[0]
-                y[s:s + 1] = self._swiglu(x[s // K:s // K + 1], e)
-            else:
-                idx = torch.tensor(slots, device=x.device)
-                y[idx] = self._swiglu(x[idx // K], e)
-        return y
-
-    def _segmented(self, x: torch.Tensor, flat: torch.Tensor, K: int) -> torch.Tensor:
-        """Many slots (prefill): sort slots by expert, one matmul per contiguous segment.
-
-        The segments' outputs land in sorted order by plain slice copies, and one row gather puts
-        them back in slot order: indexed writes (``y[idx] = ...``) and ``x[idx]`` ran at about a
-        third of the speed of ``index_select`` and contiguous copies (1024-token prefill: ~25 ms
-        per layer against ~10).
-        """
-        order = torch.argsort(flat, stable=True)  # (S,)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync
-        rows = x.index_select(0, order // K)  # (S, H): sorted slot s holds token order[s] // K
-        ys = torch.empty_like(rows)  # (S, H), sorted order
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                ys[start:start + n] = self._swiglu(rows[start:start + n], e)
-                start += n
-        del rows
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)  # slot -> its sorted place
-        return ys.index_select(0, inverse)
+        return self.backend.linear(h, self.down_proj[e])
 
 
 class ModalityMoE(nn.Module):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.backends.cpu.linear import Linear
+from model.backends import Linear
 from model.config import ErnieVLConfig
 from model.text import RMSNorm
 

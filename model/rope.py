@@ -20,8 +20,7 @@ from functools import lru_cache
 
 import torch
 
-from model.backends.base import rotate_half, rotate_vision_torch  # noqa: F401 (re-exported)
-from model.backends.cpu import kernels
+from model.backends.base import rotate_half, rotate_vision_torch  # noqa: F401 (rotate_half re-exported)
 from model.config import ConfigError, TextConfig, VisionConfig
 
 AXIS_T, AXIS_H, AXIS_W = 0, 1, 2
@@ -102,8 +101,7 @@ def apply_vision_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 def rotate_vision(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (N, ..., D) with cos/sin (N, D), e.g. q and k together as (N, 2, H, D): one pass
-    over both instead of one each. Math in fp32, the result in x's dtype. bf16 on the CPU goes
-    through the compiled pass of model/backends/cpu/kernels.py when it applies (the same numbers, ~5x faster)."""
-    if kernels.rope_half_applies(x, cos, sin):
-        return kernels.rope_half(x, cos, sin)
+    over both instead of one each. Math in fp32, the result in x's dtype (``rotate_half`` and
+    ``rotate_vision_torch`` live in model/backends/base.py). The vision tower calls its backend's
+    ``rotate_vision`` instead: the same numbers, through a compiled pass for bf16 on CPU."""
     return rotate_vision_torch(x, cos, sin)

@@ -153,6 +153,41 @@ def test_imports_flow_down_the_layers():
     assert violations(import_graph()) == []
 
 
+ARCHITECTURE = ("model.ernie_vl", "model.text", "model.vision", "model.resampler", "model.attention", "model.moe",
+                "model.rope", "model.positions")
+# what testing a CPU feature or a device kind looks like: x.is_cpu, torch.ops.mkldnn, x.device.type,
+# torch.cpu._is_avx512_bf16_supported(), torch.cuda.is_available() (x.cpu() moves to the host: fine)
+DEVICE_TESTS = {"is_cpu", "is_cuda", "is_mps", "mkldnn"}
+TORCH_DEVICE_MODULES = {"cpu", "cuda", "mps", "backends"}
+
+
+def test_only_the_backends_know_the_devices():
+    """Outside model/backends/, nothing imports a device's folder (they ask ``select_backend``), and
+    the architecture files test no CPU feature or device kind: they ask their backend."""
+    graph = import_graph()
+    device_folders = ("model.backends.cpu", "model.backends.cuda")
+    bad = [f"{a} -> {b}" for a, targets in sorted(graph.items()) if not a.startswith("model.backends")
+           for b in sorted(targets) if b.startswith(device_folders)]
+    assert bad == []
+    modules = project_modules(ROOT)
+    for name in ARCHITECTURE:
+        tree = ast.parse(modules[name].read_text(encoding="utf-8"))
+        tests = [f"{name}:{node.lineno} .{node.attr}" for node in ast.walk(tree) if _tests_a_device(node)]
+        assert tests == []
+
+
+def _tests_a_device(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Attribute):
+        return False
+    if node.attr in DEVICE_TESTS:
+        return True
+    if node.attr in TORCH_DEVICE_MODULES:
+        return isinstance(node.value, ast.Name) and node.value.id == "torch"
+    device = node.value
+    return node.attr == "type" and (isinstance(device, ast.Attribute) and device.attr == "device"
+                                    or isinstance(device, ast.Name) and device.id == "device")
+
+
 # --- the checker itself, on made-up trees --------------------------------------------------------
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:

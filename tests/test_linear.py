@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import ErnieVL, moe
+from model.backends import Linear
 from model.backends.cpu import kernels
 from model.backends.cpu import linear as lin
 from model.generation.generate import GenerationConfig, generate
@@ -123,7 +124,7 @@ def test_big_products_pad_their_rows_to_a_multiple_of_16(monkeypatch, rows, padd
 
 def test_training_keeps_autograd(slow_cpu):
     """An input that needs a gradient takes torch's own bf16 path (differentiable)."""
-    layer = lin.Linear(8, 4).bfloat16()
+    layer = Linear(8, 4).bfloat16()
     x = torch.randn(32, 8).bfloat16().requires_grad_()
     layer(x).float().sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
@@ -132,13 +133,13 @@ def test_training_keeps_autograd(slow_cpu):
 @pytest.mark.parametrize("rows", [2, 32])
 def test_trainable_weights_keep_autograd_for_inputs_without_gradients(slow_cpu, rows):
     """Pixels (no gradient) into a trainable patch embedding: the weight still gets its gradient."""
-    layer = lin.Linear(8, 4).bfloat16()
+    layer = Linear(8, 4).bfloat16()
     layer(torch.randn(rows, 8).bfloat16()).float().sum().backward()
     assert layer.weight.grad is not None and layer.bias.grad is not None
 
 
 def test_linear_module_is_an_nn_linear_with_the_same_state_dict():
-    layer = lin.Linear(8, 4)
+    layer = Linear(8, 4)
     plain = nn.Linear(8, 4)
     assert isinstance(layer, nn.Linear) and layer.state_dict().keys() == plain.state_dict().keys()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import moe
+from model.backends import base
 from model.config import tiny
 from model.ernie_vl import load_balancing_loss
 from model.moe import Experts, ModalityMoE, Router
@@ -82,9 +82,9 @@ def test_experts_match_naive_loop(tokens):
 def test_gathered_and_segmented_paths_agree(monkeypatch):
     bank = _randomized(Experts(4, 64, 16), seed=3)
     x, experts, weights = torch.randn(6, 64), torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
-    monkeypatch.setattr(moe, "GATHER_MAX_SLOTS", 0)
+    monkeypatch.setattr(base, "GATHER_MAX_SLOTS", 0)
     segmented = bank(x, experts, weights)
-    monkeypatch.setattr(moe, "GATHER_MAX_SLOTS", 10 ** 6)
+    monkeypatch.setattr(base, "GATHER_MAX_SLOTS", 10 ** 6)
     torch.testing.assert_close(bank(x, experts, weights), segmented, atol=1e-6, rtol=1e-5)
 
 

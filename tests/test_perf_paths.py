@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from model import ErnieVL, load_pretrained, moe
+from model.backends import base
 from model.backends.cpu import kernels, packing
+from model.backends.cpu.backend import CpuBackend
 from model.backends.cpu.linear import linear
 from model.backends.cpu.packing import PackedLinear, can_pack, pack_for_cpu, packing_available
 from model.checkpoint import loading
@@ -30,10 +32,10 @@ from tests.helpers.reference import make_inputs, our_config, randomize_
 
 @pytest.fixture(scope="module", autouse=True)
 def packing_everywhere():
-    """The loader packs here (where the GEMV kernel runs it would not: see ``packing_pays``)."""
+    """The loader packs bf16 here (where the GEMV kernel runs it would not: see ``packing_pays``)."""
     if packing_available():
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(loading, "packing_pays", lambda: True)
+            mp.setattr(CpuBackend, "packs", lambda self, dtype: dtype == torch.bfloat16)
             yield
         return
 
@@ -44,7 +46,7 @@ def packing_everywhere():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(packing, "packing_available", lambda: True)
-        mp.setattr(loading, "packing_pays", lambda: True)
+        mp.setattr(CpuBackend, "packs", lambda self, dtype: dtype == torch.bfloat16)
         mp.setattr(packing, "pack_weight", lambda w: w.detach().clone())
         mp.setattr(packing, "packed_linear", stand_in_linear)
         yield
@@ -142,9 +144,9 @@ def test_grouped_decode_dispatch_equals_segments_with_repeated_experts(monkeypat
     if bf16:
         bank, x = bank.to(torch.bfloat16), x.bfloat16()
     with torch.no_grad():
-        monkeypatch.setattr(moe, "GATHER_MAX_SLOTS", 0)
+        monkeypatch.setattr(base, "GATHER_MAX_SLOTS", 0)
         segmented = bank(x, experts, weights)
-        monkeypatch.setattr(moe, "GATHER_MAX_SLOTS", 16)
+        monkeypatch.setattr(base, "GATHER_MAX_SLOTS", 16)
         grouped = bank(x, experts, weights)
         torch.testing.assert_close(grouped, segmented, atol=0, rtol=0)
         if bf16 and packing.packing_available():
@@ -194,11 +196,11 @@ def test_segmented_dispatch_equals_a_per_token_loop_with_unused_experts():
     x = torch.randn(12, 32)
     experts = torch.tensor([[5, 1], [1, 7], [7, 5]]).repeat(4, 1)  # (12, 2): experts 0, 2, 3, 4, 6 unused
     weights = torch.rand(12, 2)
-    assert experts.numel() > moe.GATHER_MAX_SLOTS
+    assert experts.numel() > base.GATHER_MAX_SLOTS
     with torch.no_grad():
         got = bank(x, experts, weights)
         for n in range(12):
-            want = sum(weights[n, k] * bank._swiglu(x[n:n + 1], int(experts[n, k]))[0] for k in range(2))
+            want = sum(weights[n, k] * base._swiglu(bank, x[n:n + 1], int(experts[n, k]))[0] for k in range(2))
             torch.testing.assert_close(got[n], want, atol=1e-6, rtol=1e-5)
 
 
@@ -225,7 +227,7 @@ def test_without_packing_the_loader_reads_experts_in_place(tmp_path, monkeypatch
     lie back to back (one shard), copies where they do not (the test helper deals tensors to 2
     shards in turn), and the model computes exactly what the plain model computes."""
     monkeypatch.setattr(packing, "packing_available", lambda: False)
-    monkeypatch.setattr(loading, "packing_pays", lambda: False)
+    monkeypatch.setattr(CpuBackend, "packs", lambda self, dtype: False)
     plain = _bf16_model("A") if dtype == "bfloat16" else ErnieVL(our_config("A")).eval()
     if dtype == "float32":
         randomize_(plain, 0)
@@ -258,7 +260,7 @@ def test_without_packing_the_loader_reads_experts_in_place(tmp_path, monkeypatch
 
 def test_experts_are_stacked_when_their_dtype_changes(tmp_path, monkeypatch):
     monkeypatch.setattr(packing, "packing_available", lambda: False)
-    monkeypatch.setattr(loading, "packing_pays", lambda: False)
+    monkeypatch.setattr(CpuBackend, "packs", lambda self, dtype: False)
     plain = _bf16_model("A")
     make_checkpoint_from_ours(tmp_path, plain.state_dict(), plain.config, layout="baidu")
     stacked = load_pretrained(str(tmp_path), dtype="float32", device="cpu")

@@ -27,8 +27,7 @@ from typing import NoReturn
 import torch
 from torch import Tensor
 
-from model.backends.cpu.allocator import keep_freed_memory
-from model.backends.cpu.packing import ExpertBank, pack_for_cpu, packing_pays
+from model.backends import Backend, select_backend
 from model.checkpoint.hub import DEFAULT_REPO, resolve
 from model.checkpoint.weights import BANKS, PER_EXPERT_KEY, IGNORED, renamed
 from model.checkpoint.weights import to_ours
@@ -56,8 +55,10 @@ def load_checkpoint(build: Callable, path_or_repo_id: str = DEFAULT_REPO, revisi
     """The model ``build(config, device="meta")`` makes, in eval mode with the checkpoint's weights
     (see the module docstring). ``ErnieVL.from_pretrained`` is the public entry point.
 
-    pack: lay the weights out for inference (CPU: experts read in place from the mapped files, or
-    oneDNN-packed where bf16 packing is available); False keeps plain trainable parameters.
+    pack: lay the weights out for inference as the device's backend wants them (CPU: experts read
+    in place from the mapped files, or oneDNN-packed where bf16 packing pays); False keeps plain
+    trainable parameters. The backend (``model.backends.select_backend``) is picked here, once,
+    and stored on the model.
 
     dtype: "auto" (config ``torch_dtype``/``dtype``, else the tensors'), "bfloat16", "float16",
     "float32" or a torch dtype. device: "auto" (cuda > mps > cpu), "cpu", "cuda", "mps", ...
@@ -67,9 +68,9 @@ def load_checkpoint(build: Callable, path_or_repo_id: str = DEFAULT_REPO, revisi
     checkpoint = SafetensorsCheckpoint.open(root)
     target_dtype = resolve_dtype(dtype, root, checkpoint)
     target_device = resolve_device(device)
-    on_cpu = target_device.type == "cpu"
-    packing = pack and on_cpu and target_dtype == torch.bfloat16 and packing_pays()
-    plan = _expert_sources(checkpoint, config) if pack and on_cpu else None
+    backend = select_backend(target_device)
+    packing = pack and backend.packs(target_dtype)
+    plan = _expert_sources(checkpoint, config) if pack and backend.maps_weights else None
     views = None
     if plan is not None and not packing:
         views = _expert_views(checkpoint, plan, target_dtype)
@@ -80,18 +81,19 @@ def load_checkpoint(build: Callable, path_or_repo_id: str = DEFAULT_REPO, revisi
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval()
+    model.use_backend(backend)
     if views is not None:
         for (i, bank), pairs in views.items():
-            getattr(model.model.layers[i].mlp, f"{bank}_experts").use_bank(ExpertBank.from_plain(pairs))
+            getattr(model.model.layers[i].mlp, f"{bank}_experts").use_bank(backend.expert_bank(pairs))
     elif plan is not None:
-        _pack_experts_from(checkpoint, plan, model)
+        _pack_experts_from(checkpoint, plan, model, backend)
     if packing:
-        pack_for_cpu(model, release=checkpoint.release_pages)
-    if on_cpu:  # copied pages were released as they went; map in those the model reads in place
+        backend.pack(model, release=checkpoint.release_pages)
+    if backend.maps_weights:  # copied pages were released as they went; map in those the model reads in place
         checkpoint.populate([*model.parameters(), *model.buffers()])
-        keep_freed_memory()  # activations reuse freed heap blocks instead of faulting pages in anew
     else:
         checkpoint.release_pages()
+    backend.loaded(model)
     return model
 
 
@@ -397,7 +399,7 @@ class _WithStandIns(Mapping):
 
 
 @torch.no_grad()
-def _pack_experts_from(checkpoint: SafetensorsCheckpoint, plan: dict, model) -> None:
+def _pack_experts_from(checkpoint: SafetensorsCheckpoint, plan: dict, model, backend: Backend) -> None:
     """Pack each expert from its checkpoint tensors (no stacked copy), releasing pages as it goes.
 
     Experts are packed by as many worker threads as torch uses (the packing op releases the GIL).
@@ -406,15 +408,15 @@ def _pack_experts_from(checkpoint: SafetensorsCheckpoint, plan: dict, model) -> 
     with ThreadPoolExecutor(workers) as pool:
         for (i, bank), names in plan.items():
             experts = getattr(model.model.layers[i].mlp, f"{bank}_experts")
-            packer = _ExpertPacker(checkpoint, *checkpoint.shape_of(names[0][0]))
-            experts.use_bank(ExpertBank.from_packed(list(pool.map(packer, names))))
+            packer = _ExpertPacker(checkpoint, backend, *checkpoint.shape_of(names[0][0]))
+            experts.use_bank(backend.expert_bank(list(pool.map(packer, names)), packed=True))
 
 
 class _ExpertPacker:
     """(gate, up, down) source names -> packed (gate_up, down); one reused (2I, H) buffer per thread."""
 
-    def __init__(self, checkpoint: SafetensorsCheckpoint, I: int, H: int):
-        self.checkpoint, self.I, self.H = checkpoint, I, H
+    def __init__(self, checkpoint: SafetensorsCheckpoint, backend: Backend, I: int, H: int):
+        self.checkpoint, self.backend, self.I, self.H = checkpoint, backend, I, H
         self.local = threading.local()
 
     @torch.no_grad()
@@ -425,6 +427,6 @@ class _ExpertPacker:
             gate_up = self.local.buffer = torch.empty(2 * self.I, self.H, dtype=torch.bfloat16)  # (2I, H)
         gate_up[:self.I].copy_(self.checkpoint[gate])
         gate_up[self.I:].copy_(self.checkpoint[up])
-        pair = ExpertBank.pack_pair(gate_up, self.checkpoint[down].to(torch.bfloat16))
+        pair = self.backend.pack_weight(gate_up), self.backend.pack_weight(self.checkpoint[down].to(torch.bfloat16))
         self.checkpoint.release_pages([gate, up, down])
         return pair

@@ -1,4 +1,4 @@
-"""Linear layers that pick the fastest CPU route for bf16 weights.
+"""The CPU backend's linear product: the fastest CPU route for bf16 weights.
 
 On a CPU without native bf16 arithmetic (no AVX512-BF16 or AMX: e.g. any AVX2-only x86),
 torch's bf16 matmul emulates bf16 and runs several times slower than fp32 (measured on a
@@ -28,7 +28,6 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from model.backends.cpu import kernels
 
@@ -104,10 +103,3 @@ def _row_padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     buffer[rows:].zero_()
     out = F.linear(buffer, weight, bias)[:rows]  # the leading rows of a contiguous result: contiguous
     return out.view(*x.shape[:-1], weight.shape[0])
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same state dict) whose forward goes through ``linear``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)

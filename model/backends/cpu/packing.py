@@ -166,12 +166,30 @@ class ExpertBank(nn.Module):
             return self
         return ExpertBank.from_packed([self.pack_pair(*self[e]) for e in range(self.num_experts)])
 
+    def reloaded(self, gate_up: torch.Tensor, down: torch.Tensor) -> "ExpertBank":
+        """A bank of the same kind (packed, or plain in this bank's dtype and device) holding the
+        stacked (E, 2I, H) and (E, H, I) weights of a new state dict."""
+        if self.packed:
+            return ExpertBank(gate_up.to(torch.bfloat16), down.to(torch.bfloat16))
+        dtype, device = self.dtype, self[0][0].device
+        gate_up, down = (w.to(device=device, dtype=dtype) for w in (gate_up, down))
+        return ExpertBank.from_plain(list(zip(gate_up.unbind(0), down.unbind(0))))
+
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The plain stacked (E, 2I, H) and (E, H, I) weights."""
         pairs = [self[e] for e in range(self.num_experts)]
         if self.packed:
             pairs = [(g.to_dense(), d.to_dense()) for g, d in pairs]
         return torch.stack([g for g, _ in pairs]), torch.stack([d for _, d in pairs])
+
+
+def pack_experts(experts: nn.Module) -> None:
+    """Pack every expert of a bank (``model.moe.Experts``) for CPU inference; its stacked
+    parameters are dropped."""
+    if experts.bank is None:
+        experts.use_bank(ExpertBank(experts.gate_up_proj, experts.down_proj))
+    else:
+        experts.use_bank(experts.bank.repacked())
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -211,7 +229,7 @@ def pack_for_cpu(model: nn.Module, release=None) -> nn.Module:
         for (parent, name, linear), weight in zip(linears, packed):
             setattr(parent, name, PackedLinear(linear, weight))
         for bank in banks:
-            bank.pack()
+            pack_experts(bank)
         if model.packed_head is None:  # first packing: keep the copy in step with later weight loads
             model.register_load_state_dict_post_hook(_repack_head)
         model.packed_head = head.result()
