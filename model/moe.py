@@ -143,6 +143,7 @@ class ModalityMoE(nn.Module):
         self.shared_experts = None
         if config.moe_num_shared_experts > 0:
             self.shared_experts = MLP(H, config.shared_intermediate_size, config.use_bias)
+        self.backend = select_backend(self.text_router.weight.device)
 
     def forward(self, x: torch.Tensor, vision_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, H), vision_mask (B, T) bool -> out (B, T, H), router logits (B*T, E) fp32.
@@ -150,9 +151,9 @@ class ModalityMoE(nn.Module):
         Router logits of text tokens come from the text router, those of vision tokens from the
         vision router (the load-balancing loss reads them that way).
         """
-        if x.is_cuda:  # both banks through the fused Triton kernel, no host-side split
-            from model.backends.cuda.moe import modality_moe
-            return modality_moe(self, x, vision_mask)
+        fused = self.backend.modality_moe(self, x, vision_mask)  # a backend's whole-layer kernel, if any
+        if fused is not None:
+            return fused
         B, T, H = x.shape
         flat = x.reshape(B * T, H)  # (N, H)
         if vision_mask is None or not bool(vision_mask.any()):

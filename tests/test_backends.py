@@ -135,3 +135,21 @@ def test_the_cpu_backend_packs_bf16_exactly_where_packing_pays():
     cpu = select_backend("cpu")
     assert cpu.packs(torch.bfloat16) is packing.packing_pays()
     assert not cpu.packs(torch.float32) and not select_backend("cuda").packs(torch.bfloat16)
+
+
+def test_a_moe_layer_asks_its_backend_for_a_whole_layer_kernel_first(monkeypatch):
+    """CUDA runs each MoE layer through its fused kernel (model/backends/cuda/moe.py): the layer asks
+    ``modality_moe`` and splits by modality itself only when a backend answers None."""
+    import model.backends.cuda.moe as cuda_moe
+    from model.moe import ModalityMoE
+
+    moe = ModalityMoE(our_config("A").text)
+    x = torch.randn(1, 3, moe.text_router.weight.shape[1])
+    seen = []
+    monkeypatch.setattr(cuda_moe, "modality_moe", lambda m, a, mask: seen.append((m, a, mask)) or (a, None))
+    moe.backend = select_backend("cuda")
+    out, logits = moe(x)
+    assert seen == [(moe, x, None)] and out is x and logits is None
+    moe.backend = select_backend("cpu")
+    out, logits = moe(x)
+    assert len(seen) == 1 and out.shape == x.shape and logits.shape == (3, moe.num_experts)

@@ -162,11 +162,12 @@ TORCH_DEVICE_MODULES = {"cpu", "cuda", "mps", "backends"}
 
 
 def test_only_the_backends_know_the_devices():
-    """Outside model/backends/, nothing imports a device's folder (they ask ``select_backend``), and
-    the architecture files test no CPU feature or device kind: they ask their backend."""
+    """The architecture files and the checkpoint reader import no device's folder (they ask
+    ``select_backend``) and test no CPU feature or device kind: they ask their backend. (The decode
+    loop of model/generation/ may run a device's own loop, model/backends/cuda/decode.py.)"""
     graph = import_graph()
     device_folders = ("model.backends.cpu", "model.backends.cuda")
-    bad = [f"{a} -> {b}" for a, targets in sorted(graph.items()) if not a.startswith("model.backends")
+    bad = [f"{a} -> {b}" for a, targets in sorted(graph.items()) if a in ARCHITECTURE or a.startswith("model.checkpoint")
            for b in sorted(targets) if b.startswith(device_folders)]
     assert bad == []
     modules = project_modules(ROOT)

@@ -15,6 +15,8 @@ B = batch, Hq / Hkv = query / key-value heads, T = queries, S = key slots, D = h
 - ``experts(bank, x, experts, weights)``: a MoE layer's routed expert products for one bank, the
   weighted sum over each token's K chosen SwiGLU experts, (N, H) -> (N, H). ``bank`` answers
   ``num_experts``, ``gate_up(x, e)`` (n, H) -> (n, 2I) and ``down(h, e)`` (n, I) -> (n, H);
+- ``modality_moe(moe, x, vision_mask)``: a whole MoE layer at once (CUDA: both banks through one
+  fused kernel), or None to let the layer split tokens by modality and call ``experts``;
 - ``attention(q, k, v, mask, causal)``: ``F.scaled_dot_product_attention`` with grouped heads,
   where causal aligns the T queries with the *last* T of the S key slots;
 - ``rotate_vision(x, cos, sin)``: the vision tower's half-wise RoPE;
@@ -70,6 +72,12 @@ class Backend:
         # weighted sum over each token's K slots as one batched product: (N, 1, K) @ (N, K, H)
         # sums in fp32 and rounds once (a product then a sum rounds every product first)
         return torch.bmm(weights.unsqueeze(1).to(y.dtype), y.view(N, K, -1)).squeeze(1)  # (N, H)
+
+    def modality_moe(self, moe, x: torch.Tensor, vision_mask: torch.Tensor | None):
+        """A whole MoE layer (``model.moe.ModalityMoE``) in one go: x (B, T, H), vision_mask (B, T)
+        bool or None -> (out (B, T, H), router logits (B*T, E) fp32), or None where this backend has
+        no such kernel: the layer then splits the tokens by modality and asks ``experts`` per bank."""
+        return None
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                   causal: bool = False) -> torch.Tensor:
