@@ -13,6 +13,7 @@ Two on-disk forms exist and both land here:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,21 @@ def _sparse_pattern_baidu(raw: dict[str, Any], n_layers: int) -> tuple[str, ...]
     )
 
 
+def _mlp_width(embed_dim: int, mlp_ratio: float) -> int:
+    """Baidu's vision MLP width: ``int(embed_dim * mlp_ratio)``, the ratio a float (2.5 stays 2.5)."""
+    return int(embed_dim * float(mlp_ratio))
+
+
+def mlp_ratio_for(width: int, embed_dim: int) -> float:
+    """The float ratio that Baidu's ``int(embed_dim * mlp_ratio)`` turns back into ``width``:
+    ``width / embed_dim``, or the next float above it where the product rounds just below ``width``
+    (e.g. 15 / 11 * 11 = 14.999...)."""
+    ratio = width / embed_dim
+    while _mlp_width(embed_dim, ratio) < width:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 def _from_flat(raw: dict[str, Any]) -> ErnieVLConfig:
     kw = _text_common(raw)
     text = TextConfig(**kw)
@@ -229,7 +245,7 @@ def _from_flat(raw: dict[str, Any]) -> ErnieVLConfig:
     embed = int(rv.get("embed_dim", hidden))
     vision = VisionConfig(
         depth=int(rv.get("depth", 32)), hidden_size=embed,
-        intermediate_size=int(rv.get("intermediate_size") or embed * int(rv.get("mlp_ratio", 4))),
+        intermediate_size=int(rv.get("intermediate_size") or _mlp_width(embed, rv.get("mlp_ratio", 4))),
         num_heads=int(rv.get("num_heads", 16)), hidden_act=rv.get("hidden_act", "quick_gelu"),
         in_channels=int(rv.get("in_channels", rv.get("in_chans", 3))), patch_size=int(_first(rv.get("patch_size", 14))),
         spatial_merge_size=int(raw.get("spatial_conv_size", rv.get("spatial_merge_size", 2))),

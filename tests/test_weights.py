@@ -5,6 +5,8 @@ vision bank = experts E..2E-1, routers transposed, bias rows text/vision), stric
 every problem in one error, idempotence, the inverse round trip, and the flat config writer.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -200,3 +202,17 @@ def test_flat_config_matches_baidu_conventions():
 def test_foreign_config_is_refused():
     with pytest.raises(CheckpointError, match="'llama' model, expected ERNIE 4.5 VL"):
         ErnieVLConfig.from_dict({"model_type": "llama", "hidden_size": 64})
+
+
+@pytest.mark.parametrize("hidden,width", [(32, 80), (56, 61), (88, 98), (1280, 5120)])
+def test_flat_vision_mlp_width_is_the_product_with_a_float_ratio(hidden, width):
+    """Baidu's vision config gives the MLP width as ``int(embed_dim * mlp_ratio)``: 32 * 2.5 is 80
+    (not 32 * int(2.5) = 64, a checkpoint then refused as mis-shaped). Our writer's float ratio gives
+    its width back through that same product, also where width / hidden * hidden lands just below
+    the width (61 / 56 * 56 = 60.99...), for readers that know only the ratio."""
+    cfg = replace(CFG_A, vision=replace(CFG_A.vision, hidden_size=hidden, intermediate_size=width))
+    raw = config_to_baidu_dict(cfg)
+    assert int(hidden * raw["vision_config"]["mlp_ratio"]) == width
+    del raw["vision_config"]["intermediate_size"]  # Baidu's original configs carry the ratio alone
+    assert ErnieVLConfig.from_dict(raw).vision.intermediate_size == width
+    assert ErnieVLConfig.from_dict(raw) == cfg

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.config import ErnieVLConfig
+from model.config import ErnieVLConfig, mlp_ratio_for
 from model.errors import CheckpointError
 
 Shape = tuple[int, ...]
@@ -347,7 +347,7 @@ def config_to_baidu_dict(config: ErnieVLConfig, dtype: torch.dtype | None = None
         "spatial_conv_size": v.spatial_merge_size, "temporal_conv_size": v.temporal_merge_size,
         "vision_config": {"depth": v.depth, "embed_dim": v.hidden_size, "hidden_size": v.hidden_size,
                           "intermediate_size": v.intermediate_size,
-                          "mlp_ratio": v.intermediate_size / v.hidden_size, "num_heads": v.num_heads,
+                          "mlp_ratio": mlp_ratio_for(v.intermediate_size, v.hidden_size), "num_heads": v.num_heads,
                           "hidden_act": v.hidden_act, "in_channels": v.in_channels, "patch_size": v.patch_size,
                           "rope_theta": v.rope_theta, "layer_norm_eps": v.layer_norm_eps},
     }
