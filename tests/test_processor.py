@@ -1,14 +1,17 @@
 """ErnieVLProcessor: placeholder expansion, token types, padding, errors; live parity with transformers 5.23."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import processing
 from model.errors import ProcessorError
 from processing.processor import ErnieVLProcessor
+from tests.helpers import tokenizer as tokenizer_helpers
 from tests.helpers.tokenizer import make_tiny_processor_dir
 
 SMALL = dict(image_kwargs=dict(max_pixels=28 * 28 * 64),
@@ -237,3 +240,24 @@ def test_parity_batch_left_padding(proc, reference):
     images = [gradient(60, 60)]
     ref = reference(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
     _compare(proc(text=texts, images=images), ref)
+
+
+def test_from_processing_import_the_processor():
+    """The name the seed's usage example uses, like ``from model import ErnieVL``."""
+    from processing import ErnieVLProcessor as exported
+    from processing.processor import ErnieVLProcessor as defined
+
+    assert exported is defined
+    with pytest.raises(AttributeError):
+        processing.NoSuchThing  # noqa: B018
+
+
+def test_tiny_processor_dirs_fall_back_to_the_packaged_font(tmp_path, monkeypatch):
+    """On a machine without a system TrueType font the helper copies the font ernie-tiny ships, so
+    the video processor still draws its timestamps with the font its config names."""
+    monkeypatch.setattr(tokenizer_helpers, "_FONT_CANDIDATES", (str(tmp_path / "no-such-font.ttf"),))
+    d = make_tiny_processor_dir(tmp_path / "proc")
+    name = json.loads((d / "video_preprocessor_config.json").read_text())["font"]
+    assert (d / name).read_bytes() == tokenizer_helpers.PACKAGE_FONT.read_bytes()
+    processor = ErnieVLProcessor.from_pretrained(d)
+    assert Path(processor.video_config.font_path) == d / name

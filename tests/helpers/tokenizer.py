@@ -14,6 +14,7 @@ Layout of the vocabulary (ids):
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import random
 import shutil
@@ -34,6 +35,7 @@ NAMED_TOKENS = {
     "video_start_token": "<|VIDEO_START|>", "video_end_token": "<|VIDEO_END|>",
 }
 
+PACKAGE_FONT = Path(str(importlib.resources.files("ernie_cli") / "assets" / "ernie-tiny" / "DejaVuSans.ttf"))
 _FONT_CANDIDATES = (
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
@@ -145,12 +147,13 @@ def video_processor_config(font_name: str, min_pixels: int = 299 * 28 * 28, max_
     }
 
 
-def find_font() -> Path | None:
-    """A TrueType font on this machine (the video processor draws timestamps with it), or None."""
+def find_font() -> Path:
+    """A TrueType font for the video processor to draw timestamps with: a system font when this
+    machine has one, else the one the package ships with ernie-tiny (DejaVu Sans)."""
     for candidate in _FONT_CANDIDATES:
         if Path(candidate).is_file():
             return Path(candidate)
-    return None
+    return PACKAGE_FONT
 
 
 def _chat_template() -> str:
@@ -166,8 +169,7 @@ def make_tiny_processor_dir(directory: str | Path, font: str | Path | None = Non
     Files: tokenizer.json, tokenizer_config.json, chat_template.jinja (the clean ERNIE template),
     processor_config.json (nested image/video processor configs), preprocessor_config.json and
     video_preprocessor_config.json (the same configs, flat), the font file, generation_config.json.
-    font: a .ttf to copy in (default: a system font; without one, video drawing cannot work and no
-    font file is written). image_kwargs / video_kwargs override the pixel / frame bounds
+    font: a .ttf to copy in (default: ``find_font()``, a system font or the package's). image_kwargs / video_kwargs override the pixel / frame bounds
     (e.g. `dict(max_pixels=28*28*64)` keeps tests small). split_files=False writes only the nested
     processor_config.json.
     """
@@ -179,9 +181,8 @@ def make_tiny_processor_dir(directory: str | Path, font: str | Path | None = Non
     _write_json(directory / "tokenizer_config.json", _tokenizer_config(chat_template=None))
 
     font_path = Path(font) if font is not None else find_font()
-    font_name = font_path.name if font_path is not None else "Roboto-Regular.ttf"
-    if font_path is not None:
-        shutil.copyfile(font_path, directory / font_name)
+    font_name = font_path.name
+    shutil.copyfile(font_path, directory / font_name)
     image_cfg = image_processor_config(**(image_kwargs or {}))
     video_cfg = video_processor_config(font_name, **(video_kwargs or {}))
     _write_json(directory / "processor_config.json", {
