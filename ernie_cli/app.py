@@ -24,6 +24,7 @@ app = typer.Typer(
 )
 
 GEN, MEDIA, LOAD, OUT, SERVE = "Generation", "Media", "Model", "Output", "Server"
+BATCH = "Batch (--each)"
 
 
 def _opt(*names: str, env: str, help: str, panel: str = GEN, **kw):
@@ -97,10 +98,34 @@ def describe(
     hide_thinking: HideThink = False, fps: Fps = None, max_frames: MaxFrames = None, no_timestamps: NoStamps = False,
     max_pixels: MaxPixels = None, quiet: Quiet = False, verbose: Verbose = False, json: AsJson = False,
     jsonl: Annotated[bool, _opt("--jsonl", env="JSONL", panel=OUT, help="Stream JSON events, one per line.")] = False,
+    each: Annotated[bool, _opt("--each", env="EACH", panel=BATCH,
+                               help="One answer per MEDIA item, batched (- reads paths/URLs from stdin).")] = False,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", env="BATCH_SIZE", panel=BATCH, min=1,
+                                              help="With --each: inputs generated together (default: from "
+                                                   "the model and free memory).")] = None,
+    resume: Annotated[Optional[Path], _opt("--resume", env="RESUME", panel=BATCH,
+                                           help="With --each: skip inputs answered without error in this "
+                                                ".jsonl file.")] = None,
 ) -> None:
     """Describe images and videos (or answer --prompt about them); the answer streams to stdout."""
     from ernie_cli.commands import run_describe
 
+    if each:
+        from ernie_cli.each import run_describe_each
+
+        if server:
+            raise typer.BadParameter("--each runs the model here; it does not send to a --server",
+                                     param_hint="--server")
+        return run_describe_each(
+            media, prompt=prompt, prompt_file=prompt_file, system=system, system_file=system_file,
+            load=LoadOptions(model, revision, device.value, dtype.value, offline or None),
+            media_options=MediaOptions(fps, max_frames, not no_timestamps, max_pixels),
+            settings=_settings(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
+                               think, thinking_budget),
+            fmt="jsonl" if jsonl else "json" if json else "text", quiet=quiet, verbose=verbose,
+            batch_size=batch_size, resume=resume)
+    if batch_size is not None or resume is not None:
+        raise typer.BadParameter("--batch-size and --resume work with --each", param_hint="--each")
     run_describe(
         media, prompt=prompt, prompt_file=prompt_file, system=system, system_file=system_file,
         load=LoadOptions(model, revision, device.value, dtype.value, offline or None, server, api_key),

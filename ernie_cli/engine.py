@@ -118,21 +118,42 @@ class TorchEngine:
     def _generate(self, conversation, settings, cancel) -> Iterator[Any]:
         from processing.events import Finished
 
+        yield Status("Preprocessing…")
+        prepared = self.prepare(conversation, settings)
+        turn = _Turn()
+        reason, stats = yield from self._decode(prepared.inputs, prepared.settings, cancel, turn)
+        thinking = "".join(turn.thinking) if prepared.settings.think else None
+        yield Finished(reason, stats, "".join(turn.text), thinking, prepared.extra(self))
+
+    def prepare(self, conversation: list[Message], settings: GenerationSettings) -> "Prepared":
+        """Preprocess one conversation (media decoded, prompt rendered and tokenized); raises
+        MediaError and friends. Thread-safe: `describe --each` prepares the next inputs while
+        the model generates."""
         if settings.think is None:  # Thinking variants think unless told not to
             settings = replace(settings, think="thinking" in str(self.name).lower())
-        yield Status("Preprocessing…")
         start = time.perf_counter()
         media = [MediaInput(p.kind, Path(p.value), p.ref) for m in conversation for p in m.media]
         inputs = self.processor.apply_chat_template(
             [m.to_processor() for m in conversation], add_generation_prompt=True, tokenize=True, return_dict=True,
             return_tensors="pt", enable_thinking=settings.think)
-        preprocess_s = time.perf_counter() - start
-        turn = _Turn()
-        reason, stats = yield from self._decode(inputs, settings, cancel, turn)
-        extra = {"model": self.name, "media": media_summary(self.processor, media, inputs), "load_s": self.load_s,
-                 "preprocess_s": preprocess_s}
-        thinking = "".join(turn.thinking) if settings.think else None
-        yield Finished(reason, stats, "".join(turn.text), thinking, extra)
+        return Prepared(inputs, settings, self.generation_config(settings),
+                        media_summary(self.processor, media, inputs), time.perf_counter() - start)
+
+    def default_batch_size(self, settings: GenerationSettings, cap: int = 16) -> int:
+        """Rows for batched generation: as many as a quarter of the free memory holds KV caches
+        for (one image at the processor's largest size, a prompt, the answer), at most ``cap``."""
+        from ernie_cli.memory import free_bytes
+
+        text, image = self.model.config.text, self.processor.image_config
+        param = next(self.model.parameters())
+        per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * param.element_size()
+        max_new = self.generation_config(settings).max_new_tokens
+        tokens = min(text.max_position_embeddings, image.max_pixels // (image.patch_size * image.merge_size) ** 2
+                     + 256 + max_new)
+        free = free_bytes(str(param.device) if param.device.type == "cuda" else param.device.type)
+        if free is None:
+            return min(4, cap)
+        return max(1, min(cap, int(free * 0.25 // (per_token * tokens))))
 
     def generation_config(self, settings: GenerationSettings):
         """The checkpoint's config with the user's overrides; temperature > 0 means sampling."""
@@ -164,6 +185,21 @@ class TorchEngine:
                 stopped = True
                 cancel.set()
         return "interrupted", None
+
+
+@dataclass
+class Prepared:
+    """One conversation turned into model inputs (``TorchEngine.prepare``)."""
+
+    inputs: Any  # processing.processor.ModelInputs, on the CPU
+    settings: GenerationSettings  # think resolved
+    config: Any  # model.generation.generate.GenerationConfig
+    media: list[dict]
+    preprocess_s: float
+
+    def extra(self, engine: "TorchEngine") -> dict[str, Any]:
+        """``Finished.extra``: model, media, load and preprocess times."""
+        return {"model": engine.name, "media": self.media, "load_s": engine.load_s, "preprocess_s": self.preprocess_s}
 
 
 GENERATE_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "moe_mm_token_type_ids", "pixel_values",

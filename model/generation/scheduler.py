@@ -114,14 +114,16 @@ class Scheduler:
     """Continuous batching of requests over one KV cache of ``max_batch`` rows (see module doc).
 
     ``max_prefill_tokens`` bounds one prefill (rows x padded prompt length; one request always
-    fits). The cache is allocated at the first admission and grows when a request needs more slots.
+    fits). ``min_admit``: while rows are live, waiting requests are admitted only once this many
+    rows are free, so that one prefill serves several (throughput); 1 admits at once (latency). The cache is allocated at the first admission and grows when a request needs more slots.
     """
 
-    def __init__(self, model, max_batch: int = 8, max_prefill_tokens: int = 16384):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    def __init__(self, model, max_batch: int = 8, max_prefill_tokens: int = 16384, min_admit: int = 1):
+        if max_batch < 1 or min_admit < 1:
+            raise ValueError(f"max_batch and min_admit must be >= 1, got {max_batch}, {min_admit}")
         self.model = model
         self.max_batch = max_batch
+        self.min_admit = min(min_admit, max_batch)
         self.max_prefill_tokens = max_prefill_tokens
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -225,6 +227,8 @@ class Scheduler:
 
     def _admit(self, events: list) -> None:
         free = [i for i, r in enumerate(self._rows) if r is None]
+        if len(free) < self.min_admit and len(free) < self.max_batch:
+            return  # let more rows free up, so that one prefill serves several requests
         group: list[Request] = []
         with self._lock:
             while self._waiting and len(group) < len(free):
