@@ -5,8 +5,8 @@
 
 Writes ``--scenes`` generated pictures (scripts/shapes.py, seed 0) into a temporary folder, then
 runs the real command ``ernie describe --each FILES --model ernie-tiny --jsonl -v`` once per
-configuration per round, alternating the configurations inside each round so that both see the
-same machine load. Each run is pinned to ``--cores`` CPU cores (taskset). Figures per run:
+configuration per round, alternating which goes first, so that both see the same machine load.
+Each run is pinned to ``--cores`` CPU cores (sched_setaffinity; torch then uses that many threads). Figures per run:
 files/s over the generation (what -v reports: answers / time from the first input to the last
 answer, model load excluded) and over the whole command (wall time, start-up and load
 included). The answers of every run must be identical to those of the first ``--batch-size 1``
@@ -22,7 +22,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -49,15 +48,15 @@ def make_scenes(folder: Path, n: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def run_each(files: list[Path], batch_size: int | None, cores: str, cwd: Path) -> dict:
-    cmd = [str(ERNIE), "describe", "--each", *[p.name for p in files], "--model", "ernie-tiny", "--jsonl", "-v"]
+def run_each(command: list[str], files: list[Path], batch_size: int | None, cores: set[int], cwd: Path) -> dict:
+    cmd = [*command, "describe", "--each", *[p.name for p in files], "--model", "ernie-tiny", "--jsonl", "-v"]
     if batch_size is not None:
         cmd += ["--batch-size", str(batch_size)]
-    if shutil.which("taskset"):
-        cmd = ["taskset", "-c", cores, *cmd]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ERNIE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=3600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=3600,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cores))
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:6])}... failed ({proc.returncode}):\n{proc.stderr}")
@@ -91,11 +90,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--cores", default="0,1", help="CPU list for taskset (default: 0,1)")
+    parser.add_argument("--cores", default="0,1", help="CPUs the command may run on (default: 0,1)")
+    parser.add_argument("--command", default=str(ERNIE), help="how to run ernie (default: the venv's ernie; "
+                                                                "e.g. 'python3 -m ernie_cli.app')")
     parser.add_argument("--batch-size", type=int, default=None, help="the batched run's size (default: ernie's)")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args()
 
+    cores = {int(c) for c in args.cores.split(",")}
     configs = [("batch-size 1", 1), ("batched", args.batch_size)]
     runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
     loads = [load_average()]
@@ -104,7 +106,7 @@ def main() -> None:
         for r in range(args.rounds):
             order = configs if r % 2 == 0 else configs[::-1]  # alternate which goes first
             for name, size in order:
-                result = run_each(files, size, args.cores, Path(tmp))
+                result = run_each(args.command.split(), files, size, cores, Path(tmp))
                 runs[name].append(result)
                 print(f"round {r + 1} {name:>13}: {result['files_per_s']:.2f} files/s "
                       f"(wall {result['wall_s']:.1f} s, batch {result['batch_size']})", flush=True)
@@ -137,7 +139,7 @@ def report(r: dict) -> str:
     lines = [
         "# `ernie describe --each`: batched vs --batch-size 1",
         "",
-        f"{r['date']} · {r['cpu']} · taskset cores {r['cores']} of {r['machine_cores']} · ernie-tiny, "
+        f"{r['date']} · {r['cpu']} · pinned to cores {r['cores']} of {r['machine_cores']} · ernie-tiny, "
         f"{r['scenes']} generated scenes, {r['rounds']} rounds alternating the two configurations · load "
         f"average (1/5/15 min) before and after each round: {r['load_average_1_5_15_before_and_after_each_round']}",
         "",
