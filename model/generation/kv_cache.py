@@ -68,7 +68,7 @@ class StaticKVCache:
         if cache_position.ndim != 1 or cache_position.numel() != T:
             raise ValueError(f"cache_position must be 1-D with {T} entries (one per new token), "
                              f"got shape {tuple(cache_position.shape)}")
-        end = int(cache_position.max()) + 1 if T else self._filled[layer_idx]
+        end = self._end(cache_position) if T else self._filled[layer_idx]
         if end > self.max_len:
             raise ContextLengthError(
                 f"the KV cache holds {self.max_len} tokens but slot {end - 1} was requested",
@@ -79,6 +79,13 @@ class StaticKVCache:
         self._filled[layer_idx] = max(self._filled[layer_idx], end)
         S = self._filled[layer_idx]
         return kbuf[:, :, :S], vbuf[:, :, :S]  # (B, H, S, D) views
+
+    def _end(self, cache_position: torch.Tensor) -> int:
+        """Highest slot + 1: read from the device once per forward, not once per layer (every layer
+        gets the same ``cache_position`` tensor; each read waits for the device to catch up)."""
+        if getattr(self, "_end_of", (None,))[0] is not cache_position:
+            self._end_of = (cache_position, int(cache_position.max()) + 1)
+        return self._end_of[1]
 
     def _update_rows(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
                      cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +99,7 @@ class StaticKVCache:
         if cache_position.shape != (B, T):
             raise ValueError(f"per-row cache_position must be (batch, new tokens) = {(B, T)}, "
                              f"got {tuple(cache_position.shape)}")
-        end = int(cache_position.max()) + 1
+        end = self._end(cache_position)
         if end > self.max_len:
             raise ContextLengthError(
                 f"the KV cache holds {self.max_len} tokens but slot {end - 1} was requested",

@@ -136,7 +136,7 @@ class DecodeRunner:
             x, y = _norm(layer.input_layernorm, x, h)
             x, y = _norm(layer.post_attention_layernorm, x, self._attention(layer.self_attn, y, cos, sin, mask))
             if layer.is_moe:
-                h, _ = modality_moe(layer.mlp, y[:, None], None)
+                h, _ = modality_moe(layer.mlp, y[:, None], None, fused_router=True)
                 h = h[:, 0]
             else:
                 h = swiglu(layer.mlp, y)

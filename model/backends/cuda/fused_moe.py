@@ -121,11 +121,13 @@ def _gate_up_rows_kernel(x_ptr, w_ptr, out_ptr, experts_ptr, top_k, H, I,
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(experts_ptr + slot).to(tl.int64)
-    if expert < 0:
-        return
-    token = (slot // top_k).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
+    if expert < 0:  # a slot of the other modality: zeros (the output is not pre-cleared)
+        tl.store(out_ptr + slot * stride_on + cols, tl.zeros((BLOCK_N,), dtype=out_ptr.dtype.element_ty),
+                 mask=col_ok)
+        return
+    token = (slot // top_k).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     w_base = w_ptr + expert * stride_we
     acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -151,10 +153,12 @@ def _down_rows_kernel(h_ptr, w_ptr, out_ptr, experts_ptr, H, I,
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(experts_ptr + slot).to(tl.int64)
-    if expert < 0:
-        return
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
+    if expert < 0:
+        tl.store(out_ptr + slot * stride_on + cols, tl.zeros((BLOCK_N,), dtype=out_ptr.dtype.element_ty),
+                 mask=col_ok)
+        return
     ks = tl.arange(0, BLOCK_K)
     w_base = w_ptr + expert * stride_we
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -225,11 +229,11 @@ def fused_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
     x = x.contiguous()
     if gate_up.stride(2) != 1 or down.stride(2) != 1:
         raise ValueError("fused_experts needs expert weights with contiguous rows")
-    h = x.new_zeros(S, I)  # (S, I): skipped slots stay zero
-    y = x.new_zeros(S, H)  # (S, H)
-    if S <= ROWS_MAX_SLOTS:
+    if S <= ROWS_MAX_SLOTS:  # every row written, skipped slots with zeros
+        h, y = x.new_empty(S, I), x.new_empty(S, H)  # (S, I), (S, H)
         _rows(x, experts.reshape(-1).contiguous(), gate_up, down, h, y, K)
-    else:
+    else:  # skipped slots are in no block: they stay zero
+        h, y = x.new_zeros(S, I), x.new_zeros(S, H)
         _sorted(x, experts.reshape(-1), gate_up, down, h, y, K)
     # weighted sum over each token's K slots in fp32, rounded once: (N, 1, K) @ (N, K, H)
     return torch.bmm(weights.unsqueeze(1).to(y.dtype), y.view(N, K, H)).squeeze(1)  # (N, H)
@@ -266,3 +270,41 @@ def _sorted(x, experts, gate_up, down, h, y, K: int) -> None:
                        h.stride(0), down.stride(0), down.stride(1), y.stride(0),
                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, max(16, triton.next_power_of_2(I))),
                        IEEE=ieee, num_warps=warps)
+
+
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, E, norm_min,
+                  TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    ok = e < E
+    logits = tl.load(logits_ptr + row * E + e, mask=ok, other=-float("inf"))
+    z = tl.exp(logits - tl.max(logits, axis=0))
+    probs = z / tl.sum(z, axis=0)
+    score = tl.where(ok, probs + tl.load(bias_ptr + e, mask=ok, other=0.0), -float("inf"))
+    ks = tl.arange(0, BLOCK_K)
+    chosen = tl.zeros((BLOCK_K,), dtype=tl.int64)
+    picked = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(score, axis=0)
+        chosen = tl.where(ks == j, best.to(tl.int64), chosen)
+        picked = tl.where(ks == j, tl.sum(tl.where(e == best, probs, 0.0), axis=0), picked)
+        score = tl.where(e == best, -float("inf"), score)
+    picked = picked / tl.maximum(tl.sum(picked, axis=0), norm_min)
+    kk = ks < TOP_K
+    tl.store(experts_ptr + row * TOP_K + ks, chosen, mask=kk)
+    tl.store(weights_ptr + row * TOP_K + ks, picked.to(weights_ptr.dtype.element_ty), mask=kk)
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm_min: float,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model.moe.Router``'s choice from its fp32 logits (N, E) in one launch: softmax, top-k on
+    probabilities + correction bias, the unbiased probabilities renormalised with a floor.
+    -> weights (N, K) in ``dtype``, experts (N, K) long."""
+    N, E = logits.shape
+    weights = torch.empty(N, top_k, dtype=dtype, device=logits.device)
+    experts = torch.empty(N, top_k, dtype=torch.long, device=logits.device)
+    _route_kernel[(N,)](logits.contiguous(), bias.float().contiguous(), weights, experts, E, norm_min,
+                        TOP_K=top_k, BLOCK_E=triton.next_power_of_2(E),
+                        BLOCK_K=triton.next_power_of_2(top_k), num_warps=1)
+    return weights, experts

@@ -15,15 +15,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.backends.cuda.fused_moe import fused_experts
+from model.backends.cuda.fused_moe import fused_experts, route
 
 
-def modality_moe(moe, x: torch.Tensor, vision_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def modality_moe(moe, x: torch.Tensor, vision_mask: torch.Tensor | None,
+                 fused_router: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``ModalityMoE.forward`` on a GPU: x (B, T, H), vision_mask (B, T) bool or None (all text)
-    -> out (B, T, H), router logits (B*T, E) fp32 (each token's own modality's router)."""
+    -> out (B, T, H), router logits (B*T, E) fp32 (each token's own modality's router).
+
+    fused_router (the decode step): the text router's softmax, top-k and renormalisation in one
+    kernel (``route``) instead of ten (the same arithmetic; its own rounding of the softmax)."""
     B, T, H = x.shape
     flat = x.reshape(B * T, H)  # (N, H)
-    logits, weights, experts = moe.text_router(flat)  # (N, E), (N, K), (N, K)
+    if fused_router and vision_mask is None:
+        router = moe.text_router
+        logits = F.linear(flat.float(), router.weight.float())  # (N, E) fp32
+        weights, experts = route(logits, router.e_score_correction_bias, router.top_k, router.norm_min, x.dtype)
+    else:
+        logits, weights, experts = moe.text_router(flat)  # (N, E), (N, K), (N, K)
     if vision_mask is None:
         out = bank_product(moe.text_experts, flat, experts, weights)
     else:
