@@ -5,8 +5,8 @@
 #
 # with wheels for what the machine lacks in .whl/ (transformers 5.23 for the reference side).
 # Steps, each under its own time limit so that one hang cannot eat the rest (about 6 minutes
-# in all on an H200): versions; a small-size bench (2 layers) so a failure shows early; the
-# tests marked `cuda`; the full-size bench (28 layers, 32 vision blocks, 58.8 GB of random bf16
+# in all on an H200): versions; a small-size bench (2 layers, loaded from a checkpoint written to
+# disk) so a failure shows early; the tests marked `cuda`; the full-size bench (28 layers, 32 vision blocks, 58.8 GB of random bf16
 # weights built on the GPU by each side in turn), which writes RESULTS-cuda.md and
 # results-cuda.json into $OUT. Everything printed also goes to $OUT/log.
 set -u -o pipefail
@@ -32,9 +32,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, report its status, n
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
-    step smoke-bench 100 python3 benchmarks/bench.py --device cuda --layers 2 --vision-blocks 2 --rounds 1 \
-        --repeats 1 --new-tokens 16 --prefill-tokens 128 --output-dir "$OUT/smoke"
-    step cuda-tests 150 python3 -m pytest -m cuda -q -p no:cacheprovider -o addopts="" -rfE \
+    # small size first, from a checkpoint on disk: load time and peak host RSS of shards -> GPU
+    step smoke-bench 120 python3 benchmarks/bench.py --device cuda --init disk --layers 2 --vision-blocks 2 \
+        --rounds 1 --repeats 1 --new-tokens 16 --prefill-tokens 128 --output-dir "$OUT/smoke"
+    step cuda-tests 120 python3 -m pytest -m cuda -q -p no:cacheprovider -o addopts="" -rfE \
         --junitxml="$OUT/pytest-cuda.xml"
     step full-bench 330 python3 benchmarks/bench.py --device cuda --layers 28 --vision-blocks 32 --rounds 1 \
         --repeats 3 --output-dir "$OUT"

@@ -10,12 +10,13 @@ cache (a ``StaticKVCache``; the prefill writes into it eagerly) and static input
 slot, ``visible`` (B, L) which slots each row may attend (the prompt's real tokens, then every
 slot written since). ``step()`` runs one token for every row into ``logits`` (B, V) fp32:
 
-- the same modules as the eager forward (norms, routers, experts, heads), but attention reads the
-  whole static cache under the ``visible`` mask (one shape for every step), the cache write is an
-  ``index_copy_`` at ``slot``, and RoPE tables live on the device;
-- q, k, v (and gate, up) are one product each where ``fuse_projections`` fused them;
-- the MoE is the fused Triton kernel (model/backends/cuda/moe.py), text bank only (a decode token
-  is always text);
+- the same weights and arithmetic as the eager forward, with fewer launches: RMSNorm with the
+  residual add before it, and RoPE with the cache write (model/backends/cuda/ops.py), are one
+  kernel each; q, k, v (and gate, up) one product each (``fuse_projections``); the MoE the fused
+  Triton kernels (model/backends/cuda/fused_moe.py) with routing in one kernel, text bank only
+  (a decode token is always text);
+- attention reads the whole static cache under an additive mask built from ``visible`` (one
+  shape for every step), the G query heads of a kv head as G query rows;
 - nothing reads a device value on the host, so the whole step is captured once as a CUDA graph
   and replayed (``ERNIE_CUDA_GRAPHS=0`` runs it eagerly instead, for debugging).
 """
@@ -128,7 +129,10 @@ class DecodeRunner:
     def _step(self) -> None:
         text = self.model.model
         self.visible.index_fill_(1, self.slot, True)
-        mask = self.visible[:, None, None, :]  # (B, 1, 1, L)
+        # one additive mask for every layer (a boolean one is converted inside each SDPA call)
+        dtype = self.model.output_weight.dtype
+        mask = torch.zeros(self.visible.shape, dtype=dtype, device=self.visible.device)
+        mask = mask.masked_fill_(~self.visible, float("-inf"))[:, None, None, :]  # (B, 1, 1, L)
         cos, sin = self._rope()  # (B, D) each
         x = text.embed_tokens(self.tokens)  # (B, H): the residual stream
         h = None  # the last block's output, added to x by the next norm
