@@ -125,6 +125,20 @@ def test_stdin_list_of_paths(world, singles):
     assert empty.returncode == 0 and json.loads(empty.stdout_text) == []
 
 
+def test_videos_among_pictures(world, singles):
+    import shutil
+
+    clip = Path(__file__).resolve().parents[1] / "examples" / "red-circle-left-to-right.mp4"
+    shutil.copy(clip, world / "clip.mp4")
+    alone = run_ernie(["describe", "clip.mp4", "--model", "ernie-tiny", "--json"], world)
+    proc = each(world, "scene0.png", "clip.mp4", "scene1.png", "--jsonl", "--batch-size", "2")
+    assert alone.returncode == 0 and proc.returncode == 0, alone.stderr_text + proc.stderr_text
+    objs = lines(proc)
+    assert objs[1]["text"] == json.loads(alone.stdout_text)["text"] == "A red circle moves from left to right."
+    assert objs[1]["media"][0]["kind"] == "video" and objs[1]["media"][0]["timestamps"]
+    assert [objs[0]["text"], objs[2]["text"]] == [singles["scene0.png"], singles["scene1.png"]]
+
+
 def test_settings_apply_to_every_input(world):
     proc = each(world, "scene0.png", "scene1.png", "--jsonl", "-n", "2", "--prompt", "What is here?")
     assert proc.returncode == 0, proc.stderr_text
