@@ -30,3 +30,15 @@ class ProcessorError(ErnieError):
 
 class ContextLengthError(ErnieError):
     """Prompt plus requested new tokens exceed the model's context length."""
+
+
+class DownloadError(MediaError):
+    """A URL that could not be fetched; `cause` says why, so a caller can name the setting that helps.
+
+    cause: "http" (an error status), "network" (DNS, refused, reset), "timeout" (one read),
+    "deadline" (the whole download), "too_large" (declared or received bytes over the limit).
+    """
+
+    def __init__(self, message: str, hint: str | None = None, cause: str = "network"):
+        super().__init__(message, hint)
+        self.cause = cause

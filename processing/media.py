@@ -1,23 +1,28 @@
 """Where media bytes come from: local paths, raw bytes, or http(s) URLs; and what kind they are.
 
 Everything here raises ``MediaError`` for problems a user can cause (a missing file, a directory,
-an empty file, a URL that fails or is too large). Image and video decoding live in ``image.py``
+an empty file, a URL that fails, is too large or too slow: ``DownloadError``). Image and video decoding live in ``image.py``
 and ``video.py``; both start from ``read_source``.
 """
 
 from __future__ import annotations
 
+import http.client
+import io
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
-from model.errors import MediaError
+from model.errors import DownloadError, MediaError
 
 Source = Union[str, Path, bytes, bytearray, memoryview]
 
-URL_TIMEOUT_S = 30.0
+URL_TIMEOUT_S = 30.0  # each connect and read
+URL_DEADLINE_S = 300.0  # the whole download: 512 MiB needs 1.7 MB/s, a 5 MB picture 17 kB/s
 URL_MAX_BYTES = 512 * 1024 * 1024  # 512 MiB: a long 1080p clip fits, a runaway stream does not
+CHUNK = 1 << 16
 
 HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
 AVIF_BRANDS = {b"avif", b"avis"}
@@ -162,34 +167,101 @@ def check_path(path: Path) -> Path:
     return path
 
 
-def fetch_url(url: str, *, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
-    """Download a URL with a timeout and a size cap; every failure becomes a MediaError."""
-    request = urllib.request.Request(url, headers={"User-Agent": "ernie-cli"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            declared = response.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                raise _too_large(url, int(declared), max_bytes)
-            data = response.read(max_bytes + 1)
-    except urllib.error.HTTPError as err:
-        raise MediaError(f"Could not download {url}: the server answered HTTP {err.code} "
-                         f"({err.reason}).", hint="Check the URL, or download the file and pass "
-                         "its path.") from err
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise MediaError(f"Could not download {url}: {reason}.",
-                         hint="Check the URL and your connection, or pass a local file.") from err
-    if len(data) > max_bytes:
-        raise _too_large(url, len(data), max_bytes)
-    if not data:
+def fetch_url(url: str, *, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES,
+              deadline: float = URL_DEADLINE_S) -> bytes:
+    """Download a URL into memory, bounded as `download` bounds it; every failure is a MediaError."""
+    buffer = io.BytesIO()
+    download(url, buffer, max_bytes=max_bytes, timeout=timeout, deadline=deadline)
+    if not buffer.getbuffer().nbytes:
         raise MediaError(f"Expected image or video data from {url}, found an empty response.")
-    return data
+    return buffer.getvalue()
 
 
-def _too_large(url: str, size: int, limit: int) -> MediaError:
-    return MediaError(f"Refusing to download {url}: it is over {limit // (1024 * 1024)} MiB "
-                      f"(found {'at least ' if size > limit else ''}{size} bytes).",
-                      hint="Download it yourself and pass the local path.")
+def download(url: str, sink: BinaryIO, *, max_bytes: int = URL_MAX_BYTES, timeout: float = URL_TIMEOUT_S,
+             deadline: float = URL_DEADLINE_S) -> int:
+    """Stream `url` into `sink` in chunks; returns the number of bytes written.
+
+    Bounded three ways, each failure a DownloadError naming its cause: `max_bytes` (a declared
+    Content-Length over it is refused before the body is read, an undeclared body is cut there),
+    `timeout` (each connect and each read) and `deadline` (the whole download, headers included, so
+    a server that trickles bytes cannot keep it alive). The transfer runs in a daemon thread so the
+    deadline holds even inside a blocking read; at the deadline the thread is told to stop and left
+    behind (it ends at its next read, at most `timeout` later, and writes nothing more).
+    """
+    transfer = _Transfer(url, sink, max_bytes, timeout)
+    worker = threading.Thread(target=transfer.run, name="ernie-download", daemon=True)
+    worker.start()
+    try:
+        worker.join(deadline)
+    finally:
+        transfer.stop.set()  # also on Ctrl-C in the caller: the worker writes nothing more
+    if worker.is_alive():
+        raise DownloadError(f"Could not download {url}: it did not finish within {deadline:g} s "
+                            f"({_size(transfer.received)} received).",
+                            hint="The server is too slow; download the file yourself and pass its path.",
+                            cause="deadline")
+    if transfer.error is not None:
+        raise transfer.error
+    return transfer.received
+
+
+class _Transfer:
+    """One download's state, shared by the worker thread that fills it and the caller that waits."""
+
+    def __init__(self, url: str, sink: BinaryIO, max_bytes: int, timeout: float):
+        self.url, self.sink, self.max_bytes, self.timeout = url, sink, max_bytes, timeout
+        self.stop = threading.Event()
+        self.received = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._copy()
+        except MediaError as err:
+            self.error = err
+        except urllib.error.HTTPError as err:
+            self.error = DownloadError(f"Could not download {self.url}: the server answered HTTP {err.code} "
+                                       f"({err.reason}).", hint="Check the URL, or download the file and pass "
+                                       "its path.", cause="http")
+        except TimeoutError:
+            self.error = DownloadError(f"Could not download {self.url}: no data for {self.timeout:g} s.",
+                                       hint="Check the URL and your connection, or pass a local file.",
+                                       cause="timeout")
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:
+            reason = getattr(err, "reason", None) or err
+            cause = "timeout" if isinstance(reason, TimeoutError) else "network"
+            self.error = DownloadError(f"Could not download {self.url}: {reason}.",
+                                       hint="Check the URL and your connection, or pass a local file.", cause=cause)
+        except BaseException as err:  # anything else is handed to the caller's thread as it is
+            self.error = err
+
+    def _copy(self) -> None:
+        request = urllib.request.Request(self.url, headers={"User-Agent": "ernie-cli"})
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+                raise _too_large(self.url, int(declared), self.max_bytes, exact=True)
+            while not self.stop.is_set():
+                chunk = response.read1(CHUNK)  # what has arrived, up to CHUNK: never waits to fill it
+                if not chunk:
+                    return
+                if self.received + len(chunk) > self.max_bytes:
+                    raise _too_large(self.url, self.received + len(chunk), self.max_bytes, exact=False)
+                if self.stop.is_set():
+                    return
+                self.sink.write(chunk)
+                self.received += len(chunk)
+
+
+def _too_large(url: str, size: int, limit: int, exact: bool) -> DownloadError:
+    found = _size(size) if exact else f"at least {_size(size)}"
+    return DownloadError(f"Refusing to download {url}: it is larger than the download limit "
+                         f"({found} > {_size(limit)}).", hint="Download it yourself and pass the local path.",
+                         cause="too_large")
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n / 2**20:.1f} MB"
 
 
 def read_head(source: bytes | Path, n: int = 4096) -> bytes:
