@@ -223,22 +223,23 @@ def run_chat(media_refs: list[str], *, system, system_file, load: LoadOptions, m
     from ernie_cli.engines import make_engine
     from ernie_cli.render import make_renderer, stderr_console
 
-    session = ChatSession(make_engine(load.server), settings, system_prompt(system, system_file))
-    for ref in media_refs:
-        session.pending.append(_part(session.resolver.resolve(ref)))
-    err = stderr_console()
-    renderer = make_renderer(quiet=quiet, verbose=verbose, hide_thinking=hide_thinking)
-    renderer.status(f"Loading {load.model}…")
-    try:
-        session.engine.load(load, media_options)
-    finally:
-        renderer.stop_status()
-    new_renderer = lambda: make_renderer(quiet=quiet, verbose=verbose, hide_thinking=hide_thinking)
-    if sys.stdin.isatty():
-        return _interactive(session, err, new_renderer, quiet)
-    for line in sys.stdin:
-        if line.strip():
-            _handle(line.rstrip("\n"), session, err, new_renderer)
+    with MediaResolver() as resolver:  # downloads live in its store for the whole session, removed at exit
+        session = ChatSession(make_engine(load.server), settings, system_prompt(system, system_file), resolver)
+        for ref in media_refs:
+            session.pending.append(_part(session.resolver.resolve(ref)))
+        err = stderr_console()
+        renderer = make_renderer(quiet=quiet, verbose=verbose, hide_thinking=hide_thinking)
+        renderer.status(f"Loading {load.model}…")
+        try:
+            session.engine.load(load, media_options)
+        finally:
+            renderer.stop_status()
+        new_renderer = lambda: make_renderer(quiet=quiet, verbose=verbose, hide_thinking=hide_thinking)
+        if sys.stdin.isatty():
+            return _interactive(session, err, new_renderer, quiet)
+        for line in sys.stdin:
+            if line.strip():
+                _handle(line.rstrip("\n"), session, err, new_renderer)
 
 
 def _part(media) -> Part:
@@ -254,7 +255,12 @@ def _handle(text: str, session: ChatSession, err, new_renderer: Callable) -> boo
         if cmd and cmd.name == "regen":
             new_renderer().render(session.regen())
         elif cmd:
-            err.print(session.run(cmd), markup=False, highlight=False)
+            try:
+                err.print(session.run(cmd), markup=False, highlight=False)
+            except KeyboardInterrupt:  # at a terminal, a slow `/image URL` say: drop it and keep the session
+                if not sys.stdin.isatty():
+                    raise
+                err.print("(cancelled)", style="dim")
         else:
             new_renderer().render(session.ask(text[1:] if text.startswith("//") else text))
     except ChatError as e:

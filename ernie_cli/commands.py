@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ernie_cli.media import MediaInput, MediaResolver
+from ernie_cli.media import MediaInput, MediaResolver, reads_stdin
 from ernie_cli.settings import GenerationSettings, LoadOptions, MediaOptions, Message, Part, default_prompt, user_message
 from model.errors import ErnieError, MediaError
 
@@ -26,10 +26,9 @@ def system_prompt(system: str | None, system_file: Path | None) -> Message | Non
     return Message("system", [Part("text", text)]) if text else None
 
 
-def resolve_media(refs: list[str], stdin_bytes=None) -> list[MediaInput]:
+def resolve_media(refs: list[str], resolver: MediaResolver) -> list[MediaInput]:
     if refs.count("-") > 1:
         raise MediaError("`-` (stdin) can be given only once")
-    resolver = MediaResolver(stdin=stdin_bytes)
     return [resolver.resolve(ref) for ref in refs]
 
 
@@ -52,17 +51,18 @@ def run_describe(media_refs: list[str], *, prompt, prompt_file, system, system_f
     from ernie_cli.engines import make_engine
     from ernie_cli.render import make_renderer
 
-    uses_stdin = "-" in media_refs
-    media = resolve_media(media_refs, sys.stdin.buffer if uses_stdin and not sys.stdin.isatty() else None)
-    conversation = [m for m in (system_prompt(system, system_file),) if m]
-    conversation.append(user_message(describe_prompt(prompt, prompt_file, media, not uses_stdin), media))
-    renderer = make_renderer(fmt, quiet=quiet, verbose=verbose, hide_thinking=hide_thinking)
-    engine = make_engine(load.server)
-    renderer.status(f"Loading {load.model}…")
-    try:
-        engine.load(load, media_options)
-    finally:
-        renderer.stop_status()
-    done = renderer.render(engine.generate(conversation, settings))
+    uses_stdin = any(map(reads_stdin, media_refs))  # then the prompt does not come from stdin
+    with MediaResolver(sys.stdin.buffer if "-" in media_refs and not sys.stdin.isatty() else None) as resolver:
+        media = resolve_media(media_refs, resolver)  # streamed media live in the resolver's store until the end
+        conversation = [m for m in (system_prompt(system, system_file),) if m]
+        conversation.append(user_message(describe_prompt(prompt, prompt_file, media, not uses_stdin), media))
+        renderer = make_renderer(fmt, quiet=quiet, verbose=verbose, hide_thinking=hide_thinking)
+        engine = make_engine(load.server)
+        renderer.status(f"Loading {load.model}…")
+        try:
+            engine.load(load, media_options)
+        finally:
+            renderer.stop_status()
+        done = renderer.render(engine.generate(conversation, settings))
     if done is not None and done.reason == "interrupted":
         raise KeyboardInterrupt

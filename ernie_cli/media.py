@@ -1,31 +1,37 @@
-"""Turn what the user typed (a path, an http(s) URL, `-` for stdin) into a checked local media file.
+"""Turn what the user typed (a path, an http(s) URL, `-` for stdin, a pipe) into a checked local media file.
 
 Every failure a user can cause becomes a MediaError that names the file and the problem, before
 any model is loaded: a missing path, a directory, an empty or truncated file, a text file named
-.png, an unsupported type, a URL that fails or is too large.
+.png, an unsupported type, a URL that fails, a stream or download that is too large or too slow.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
+import stat
 import tempfile
-import urllib.error
-import urllib.request
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from model.errors import MediaError
+from model.errors import DownloadError, ErnieError, MediaError
+from processing.media import download
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".3gp"}
-CHUNK = 1 << 16
+CHUNK = 1 << 20
+SNIFF_BYTES = 512
 
 
 @dataclass(frozen=True)
 class MediaInput:
     kind: str  # "image" | "video"
-    path: Path  # a local file; downloads and stdin bytes land in a private temp dir
+    path: Path  # a local file; streamed media (stdin, pipes, downloads) land in the resolver's store
     source: str  # as the user gave it
 
 
@@ -61,90 +67,234 @@ def sniff(head: bytes) -> tuple[str, str] | None:
     return None
 
 
-def url_limits() -> tuple[int, float]:
-    """(max bytes, timeout seconds) for downloads: $ERNIE_MAX_DOWNLOAD_MB (200), $ERNIE_URL_TIMEOUT (30)."""
-    max_mb = float(os.environ.get("ERNIE_MAX_DOWNLOAD_MB", "200"))
-    return int(max_mb * 1024 * 1024), float(os.environ.get("ERNIE_URL_TIMEOUT", "30"))
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on media that arrive as a stream (stdin, a pipe, a download), from the environment.
+
+    $ERNIE_MAX_DOWNLOAD_MB (200) caps every stream; downloads also get $ERNIE_URL_TIMEOUT (30 s for
+    each connect and read) and $ERNIE_URL_DEADLINE (300 s for the whole download).
+    """
+
+    max_bytes: int = 200 * 2**20
+    timeout: float = 30.0
+    deadline: float = 300.0
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        return cls(max_bytes=int(_env_number("ERNIE_MAX_DOWNLOAD_MB", 200) * 2**20),
+                   timeout=_env_number("ERNIE_URL_TIMEOUT", 30), deadline=_env_number("ERNIE_URL_DEADLINE", 300))
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ErnieError(f"${name} must be a positive number, found {raw!r}", hint=f"unset it for the default ({default:g})")
+    return value
+
+
+# What to do about each kind of failed download, naming the setting that helps.
+DOWNLOAD_HINTS = {
+    "too_large": "download it yourself and pass its path, or raise $ERNIE_MAX_DOWNLOAD_MB",
+    "deadline": "the server is too slow: download it yourself and pass its path, or raise $ERNIE_URL_DEADLINE",
+    "timeout": "check the URL and your network, or raise $ERNIE_URL_TIMEOUT",
+    "network": "check the URL and your network",
+    "http": "check the URL",
+}
 
 
 class MediaResolver:
-    """Resolves references one by one; owns the temp dir that holds downloads and stdin bytes."""
+    """Resolves references one by one into checked local files.
 
-    def __init__(self, stdin=None):
+    Media that arrive as a stream (stdin, a pipe or process substitution such as `<(curl -s URL)`,
+    a download) are read once, in chunks, into a private temporary store under $TMPDIR, bounded by
+    `Limits`; the type comes from the content. The store lives as long as the resolver: use it as a
+    context manager around everything that reads the media, and it is removed on the way out, after
+    success, an error, Ctrl-C, or SIGTERM/SIGHUP (turned into an exit while the resolver is open).
+    """
+
+    def __init__(self, stdin: BinaryIO | None = None, limits: Limits | None = None):
         self._stdin = stdin
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._limits = limits
+        self._store: Path | None = None
         self._count = 0
+        self._handlers: dict[int, object] = {}
+
+    def __enter__(self) -> "MediaResolver":
+        self._handlers = _exit_on_termination()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.cleanup()
+        finally:
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
+            self._handlers = {}
+
+    @property
+    def limits(self) -> Limits:
+        if self._limits is None:
+            self._limits = Limits.from_env()
+        return self._limits
 
     def resolve(self, ref: str) -> MediaInput:
         if ref == "-":
-            return self._from_bytes(self._read_stdin(), "-", "stdin")
+            return self._from_stream(self._take_stdin(), "-", "stdin")
         if ref.startswith(("http://", "https://")):
-            return self._from_bytes(download(ref), ref, ref)
+            return self._from_url(ref)
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", ref):
             raise MediaError(f"unsupported URL scheme in {ref!r}; expected a file path, http(s) URL or -",
                              hint="download the file first and pass its path")
-        return check_file(Path(ref).expanduser(), ref)
+        path = Path(ref).expanduser()
+        if not _is_stream(path):
+            return check_file(path, ref)
+        try:
+            stream = open(path, "rb", buffering=0)  # a pipe can be read once: straight into the store
+        except OSError as e:
+            raise MediaError(f"cannot read {ref}: {e.strerror}") from None
+        with stream:
+            return self._from_stream(stream, ref, ref)
 
     def resolve_bytes(self, data: bytes, label: str) -> MediaInput:
         """Bytes from elsewhere (a request body): sniffed, written to the temp dir, checked like a file."""
         return self._from_bytes(data, label, label)
 
     def cleanup(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        if self._store is not None:
+            self._finalizer()
+            self._store = None
 
-    def _read_stdin(self) -> bytes:
+    def _take_stdin(self) -> BinaryIO:
         if self._stdin is None:
             raise MediaError("`-` reads media from stdin, but stdin was already used or is a terminal",
                              hint="pipe the file in: cat photo.jpg | ernie describe -")
-        data, self._stdin = self._stdin.read(), None
-        return data
+        stream, self._stdin = self._stdin, None
+        return stream
 
-    def _from_bytes(self, data: bytes, ref: str, label: str) -> MediaInput:
-        if not data:
-            raise MediaError(f"{label} gave 0 bytes; expected an image or video")
-        found = sniff(data[:512])
-        if found is None:
-            raise MediaError(f"{label} is not an image or video (starts with {data[:16]!r})",
-                             hint="supported: PNG, JPEG, GIF, BMP, TIFF, WebP images; MP4, MOV, WebM, MKV, AVI videos")
-        if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="ernie-media-")
+    def _from_stream(self, stream: BinaryIO, ref: str, label: str) -> MediaInput:
+        limit = self.limits.max_bytes
+        with _StoreFile(self._new_path(), label) as sink:
+            while chunk := stream.read(CHUNK):
+                if sink.size + len(chunk) > limit:
+                    raise MediaError(f"{label} is larger than the {limit / 2**20:g} MB limit for media from stdin, "
+                                     "pipes and URLs; stopped reading there",
+                                     hint="save it to a file and pass its path, or raise $ERNIE_MAX_DOWNLOAD_MB")
+                sink.write(chunk)
+        return check_file(sink.final_path, ref, label)
+
+    def _from_url(self, url: str) -> MediaInput:
+        limits = self.limits
+        with _StoreFile(self._new_path(), url) as sink:
+            try:
+                download(url, sink, max_bytes=limits.max_bytes, timeout=limits.timeout, deadline=limits.deadline)
+            except DownloadError as e:
+                raise DownloadError(str(e), hint=DOWNLOAD_HINTS.get(e.cause, e.hint), cause=e.cause) from None
+        return check_file(sink.final_path, url)
+
+    def _new_path(self) -> Path:
+        if self._store is None:
+            self._store = Path(tempfile.mkdtemp(prefix="ernie-media-"))
+            # also removed when a resolver used without `with` is collected, or at interpreter exit
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._store, ignore_errors=True)
         self._count += 1
-        path = Path(self._tmp.name) / f"media{self._count}{found[1]}"
-        path.write_bytes(data)
-        return check_file(path, ref)
+        return self._store / f"media{self._count}"
 
 
-def download(url: str) -> bytes:
-    max_bytes, timeout = url_limits()
-    request = urllib.request.Request(url, headers={"User-Agent": "ernie-cli"})
+class _StoreFile:
+    """A file in the store being filled by a stream: sniffs the type from the first bytes (so a text
+    stream stops at once), names the file by it when the stream ends, and removes it on failure."""
+
+    def __init__(self, path: Path, label: str):
+        self.path, self.label = path, label
+        self.size = 0
+        self.head = b""
+        self.final_path = path
+        self._file = None
+
+    def __enter__(self) -> "_StoreFile":
+        self._file = open(self.path, "wb")
+        return self
+
+    def write(self, chunk: bytes) -> int:
+        if len(self.head) < SNIFF_BYTES:
+            self.head += chunk[:SNIFF_BYTES - len(self.head)]
+            if len(self.head) == SNIFF_BYTES:
+                self._kind()
+        self._file.write(chunk)
+        self.size += len(chunk)
+        return len(chunk)
+
+    def __exit__(self, kind, error, tb) -> None:
+        self._file.close()
+        if kind is None:
+            try:
+                found = self._kind()
+            except BaseException:
+                self.path.unlink(missing_ok=True)
+                raise
+            self.final_path = self.path.with_suffix(found[1])
+            self.path.rename(self.final_path)
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def _kind(self) -> tuple[str, str]:
+        if not self.head:
+            raise MediaError(f"{self.label} gave 0 bytes; expected an image or video")
+        found = sniff(self.head)
+        if found is None:
+            raise MediaError(f"{self.label} is not an image or video (starts with {self.head[:16]!r})",
+                             hint="supported: PNG, JPEG, GIF, BMP, TIFF, WebP images; MP4, MOV, WebM, MKV, AVI videos")
+        return found
+
+
+def reads_stdin(ref: str) -> bool:
+    """True for `-` and for a path that names this process's stdin (/dev/stdin, /dev/fd/0, ...)."""
+    if ref == "-":
+        return True
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            declared = int(response.headers.get("Content-Length") or 0)
-            if declared > max_bytes:
-                raise _too_large(url, declared, max_bytes)
-            data = bytearray()
-            while chunk := response.read(CHUNK):
-                data += chunk
-                if len(data) > max_bytes:
-                    raise _too_large(url, len(data), max_bytes)
-            return bytes(data)
-    except urllib.error.HTTPError as e:
-        raise MediaError(f"could not download {url}: HTTP {e.code} {e.reason}", hint="check the URL") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise MediaError(f"could not download {url}: {reason}",
-                         hint="check the URL and your network, or raise $ERNIE_URL_TIMEOUT") from None
+        return os.path.samestat(os.stat(ref), os.fstat(0))
+    except (OSError, ValueError):
+        return False
 
 
-def _too_large(url: str, size: int, limit: int) -> MediaError:
-    return MediaError(f"{url} is larger than the download limit ({size / 2**20:.1f} MB > {limit / 2**20:.0f} MB)",
-                      hint="download it yourself, or raise $ERNIE_MAX_DOWNLOAD_MB")
+def _is_stream(path: Path) -> bool:
+    """True for what can be read only once: a FIFO (named pipe, `<(...)`, /dev/stdin), a character device."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False  # check_file names the problem
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def check_file(path: Path, ref: str) -> MediaInput:
-    """Kind from content (not name), then a cheap decode so truncated files fail here."""
+def _exit_on_termination() -> dict[int, object]:
+    """While a store exists, SIGTERM and SIGHUP end the command through Python (so `with` blocks
+    clean up), exiting 128 + the signal number as a shell would; returns the handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    replaced = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:  # nohup's SIG_IGN and the like stay as they are
+            replaced[signum] = signal.signal(signum, leave)
+    return replaced
+
+
+def check_file(path: Path, ref: str, label: str | None = None) -> MediaInput:
+    """Kind from content (not name), then a cheap decode so truncated files fail here.
+
+    `ref` is what the user typed (kept as the media's source); `label` names it in errors
+    (default: `ref`; "stdin" for `-`).
+    """
+    ref, source = label or ref, ref
     if not path.exists():
         raise MediaError(f"no such file: {ref}", hint="check the path")
     if path.is_dir():
@@ -166,7 +316,7 @@ def check_file(path: Path, ref: str) -> MediaInput:
                          hint="supported: PNG, JPEG, GIF, BMP, TIFF, WebP images; MP4, MOV, WebM, MKV, AVI videos")
     kind = found[0]
     (_check_image if kind == "image" else _check_video)(path, ref)
-    return MediaInput(kind, path, ref)
+    return MediaInput(kind, path, source)
 
 
 def _check_image(path: Path, ref: str) -> None:

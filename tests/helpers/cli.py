@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 ERNIE = Path(sys.executable).with_name("ernie")
 TRACEBACK = "Traceback (most recent call last)"
@@ -46,3 +51,62 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code
         assert needle.lower() in errors[0].lower(), f"{needle!r} not in {errors[0]!r}"
     assert proc.stdout == b"", proc.stdout
     return errors[0]
+
+
+@dataclass
+class Measured:
+    """A finished child: exit code, output, wall time and its peak resident memory (wait4's ru_maxrss)."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    seconds: float
+    peak_rss_mib: float
+
+    @property
+    def stdout_text(self) -> str:
+        return self.stdout.decode("utf-8", errors="replace")
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", errors="replace")
+
+
+def run_measured(argv: list[str], tmp_path: Path, *, stdin=subprocess.DEVNULL,
+                 feed: Callable[[BinaryIO], None] | None = None, timeout: float = 60,
+                 env: dict[str, str] | None = None, **extra_env: str) -> Measured:
+    """Run argv (e.g. [str(ERNIE), ...] or ["bash", "-c", ...]) and measure it; `feed` writes its stdin
+    from a thread (closing it when done). The peak RSS covers the child and the children it waited for."""
+    start = time.monotonic()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if feed else stdin, stdout=out, stderr=err, cwd=tmp_path,
+                                env=env or ernie_env(tmp_path, **extra_env))
+        if feed:
+            threading.Thread(target=_feed, args=(feed, proc.stdin), daemon=True).start()
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - start > timeout:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                raise AssertionError(f"{argv} still running after {timeout} s")
+            time.sleep(0.02)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        seconds = time.monotonic() - start
+        out.seek(0)
+        err.seek(0)
+        return Measured(proc.returncode, out.read(), err.read(), seconds, usage.ru_maxrss / 1024)
+
+
+def _feed(feed: Callable[[BinaryIO], None], pipe: BinaryIO) -> None:
+    try:
+        feed(pipe)
+    except (BrokenPipeError, OSError, ValueError):  # the child stopped reading: that is the point
+        pass
+    finally:
+        try:
+            pipe.close()
+        except (BrokenPipeError, OSError):
+            pass
