@@ -6,6 +6,7 @@ Torch-free: `info` reads config.json through model.config and computes sizes fro
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,12 +20,22 @@ from ernie_cli.settings import TINY_MODEL
 from model.errors import ErnieError, ModelNotFoundError
 
 
+def hub_offline(flag: bool | None) -> str | None:
+    """What keeps the Hub off, in the user's words ("--offline", "HF_HUB_OFFLINE"), or None when nothing does."""
+    if flag:
+        return "--offline"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return "HF_HUB_OFFLINE"
+    return None
+
+
 @contextmanager
-def hub_errors(repo: str, revision: str | None = None) -> Iterator[None]:
-    """Hub exceptions -> ModelNotFoundError / ErnieError with what to do next."""
+def hub_errors(repo: str, revision: str | None = None, offline: str | None = None,
+               pulling: bool = False) -> Iterator[None]:
+    """Hub exceptions -> ModelNotFoundError / ErnieError with what to do next (`offline`: see hub_offline)."""
     from huggingface_hub import errors
 
-    where = f"{repo}@{revision}" if revision else repo
+    where = f"{repo} (revision {revision})" if revision else repo
     try:
         yield
     except errors.GatedRepoError:
@@ -36,12 +47,30 @@ def hub_errors(repo: str, revision: str | None = None) -> Iterator[None]:
     except errors.RevisionNotFoundError:
         raise ModelNotFoundError(f"{repo} has no revision {revision!r}", hint="check the branch, tag or commit") from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
-        raise ModelNotFoundError(f"{where} is not in the local cache and the network is off or unreachable",
-                                 hint=f"run `ernie pull {repo}` while online, or unset HF_HUB_OFFLINE") from None
+        raise _not_reachable(repo, where, offline, pulling) from None
     except errors.HFValidationError as e:
         raise ModelNotFoundError(f"{repo!r} is not a valid Hub repo id ({e})", hint="use owner/name") from None
     except errors.HfHubHTTPError as e:
         raise ErnieError(f"the Hub refused {where}: {e}".splitlines()[0], hint="retry later, or check HF_TOKEN") from None
+
+
+def _not_reachable(repo: str, where: str, offline: str | None, pulling: bool) -> ModelNotFoundError:
+    """The model is not cached and the Hub cannot be asked: say which of the two stopped it."""
+    from huggingface_hub import constants
+
+    if offline:
+        undo = "drop --offline" if offline == "--offline" else "unset HF_HUB_OFFLINE"
+        if pulling:
+            return ModelNotFoundError(f"cannot pull {where}: {offline} keeps ernie off the Hub", hint=undo)
+        return ModelNotFoundError(f"{where} is not in the Hub cache and {offline} keeps ernie off the Hub",
+                                  hint=f"{undo}, or run `ernie pull {repo}` while online")
+    state = f"the Hub ({constants.ENDPOINT}) is unreachable"
+    if pulling:
+        return ModelNotFoundError(f"cannot pull {where}: {state}",
+                                  hint="check the network (and HF_ENDPOINT, if set), then pull again: it resumes")
+    return ModelNotFoundError(f"{where} is not in the Hub cache and {state}",
+                              hint=f"check the network (and HF_ENDPOINT, if set); once online, `ernie pull {repo}` "
+                              "keeps a copy for offline use")
 
 
 def out_console() -> Console:
@@ -61,7 +90,7 @@ def run_pull(repo: str, revision: str | None, quiet: bool) -> None:
     disable_progress_bars()
     tqdm_class = None if quiet or not err.is_terminal else _rich_tqdm(err)
     revision = revision or KNOWN_REVISIONS.get(repo)  # the revision with tokenizer.json, where we know one
-    with hub_errors(repo, revision):
+    with hub_errors(repo, revision, hub_offline(None), pulling=True):
         path = snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS, tqdm_class=tqdm_class)
     if not quiet:
         err.print(f"pulled {repo}{'@' + revision if revision else ''}")
@@ -169,10 +198,22 @@ def config_path(model: str, revision: str | None, offline: bool | None) -> Path:
         if not (ref / "config.json").exists():
             raise ModelNotFoundError(f"{ref} has no config.json; expected a checkpoint directory")
         return ref / "config.json"
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    with hub_errors(ref, revision):
-        return Path(hf_hub_download(ref, "config.json", revision=revision, local_files_only=bool(offline)))
+    from model.hub import KNOWN_REVISIONS
+
+    revision = revision or KNOWN_REVISIONS.get(ref)  # the revision `ernie pull` and `describe` use
+    off = hub_offline(offline)
+    with hub_errors(ref, revision, off):
+        try:  # the cache first: no network when the model was pulled
+            return Path(hf_hub_download(ref, "config.json", revision=revision, local_files_only=True))
+        except LocalEntryNotFoundError:
+            if off:
+                raise
+        # A snapshot of config.json alone: an unreachable Hub fails at once (hf_hub_download's own
+        # request is retried with backoff for 20 s and more, printing each retry).
+        return Path(snapshot_download(ref, revision=revision, allow_patterns=["config.json"])) / "config.json"
 
 
 def model_summary(model: str, path: Path) -> dict[str, Any]:

@@ -77,7 +77,9 @@ def _snapshot(repo_id: str, revision: str | None, offline: bool) -> Path:
         raise ModelNotFoundError(f"{repo_id} has no revision {revision!r}",
                                  hint="use an existing branch, tag, commit or refs/pr/N") from None
     except hub_errors.LocalEntryNotFoundError:
-        state = "offline (HF_HUB_OFFLINE)" if offline else "the Hub is unreachable"
+        from huggingface_hub import constants
+
+        state = "offline (HF_HUB_OFFLINE)" if offline else f"the Hub ({constants.ENDPOINT}) is unreachable"
         raise ModelNotFoundError(f"{where} is not in the Hub cache ({_cache_dir() or 'default cache'}) and {state}",
                                  hint="go online once to download it, or " + local_hint) from None
     except (hub_errors.HfHubHTTPError, OSError) as e:
