@@ -199,7 +199,10 @@ class MediaResolver:
 
     def _new_path(self) -> Path:
         if self._store is None:
-            self._store = Path(tempfile.mkdtemp(prefix="ernie-media-"))
+            try:
+                self._store = Path(tempfile.mkdtemp(prefix="ernie-media-"))
+            except OSError as e:
+                raise _store_error(e) from None
             # also removed when a resolver used without `with` is collected, or at interpreter exit
             self._finalizer = weakref.finalize(self, shutil.rmtree, self._store, ignore_errors=True)
         self._count += 1
@@ -218,7 +221,10 @@ class _StoreFile:
         self._file = None
 
     def __enter__(self) -> "_StoreFile":
-        self._file = open(self.path, "wb")
+        try:
+            self._file = open(self.path, "wb")
+        except OSError as e:
+            raise _store_error(e) from None
         return self
 
     def write(self, chunk: bytes) -> int:
@@ -226,7 +232,10 @@ class _StoreFile:
             self.head += chunk[:SNIFF_BYTES - len(self.head)]
             if len(self.head) == SNIFF_BYTES:
                 self._kind()
-        self._file.write(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as e:  # a full disk, say
+            raise _store_error(e) from None
         self.size += len(chunk)
         return len(chunk)
 
@@ -251,6 +260,11 @@ class _StoreFile:
             raise MediaError(f"{self.label} is not an image or video (starts with {self.head[:16]!r})",
                              hint="supported: PNG, JPEG, GIF, BMP, TIFF, WebP images; MP4, MOV, WebM, MKV, AVI videos")
         return found
+
+
+def _store_error(error: OSError) -> MediaError:
+    return MediaError(f"cannot keep streamed media under {tempfile.gettempdir()}: {error.strerror or error}",
+                      hint="free some space there, or point $TMPDIR at a directory with room")
 
 
 def reads_stdin(ref: str) -> bool:

@@ -1,8 +1,8 @@
 """Where media bytes come from: local paths, raw bytes, or http(s) URLs; and what kind they are.
 
 Everything here raises ``MediaError`` for problems a user can cause (a missing file, a directory,
-an empty file, a URL that fails, is too large or too slow: ``DownloadError``). Image and video decoding live in ``image.py``
-and ``video.py``; both start from ``read_source``.
+an empty file, a URL that fails, is too large or too slow: ``DownloadError``). Image and video
+decoding live in ``image.py`` and ``video.py``; both start from ``read_source``.
 """
 
 from __future__ import annotations

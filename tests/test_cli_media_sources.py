@@ -28,6 +28,7 @@ VIDEO = ROOT / "examples" / "red-circle-left-to-right.mp4"
 MEDIA = {"image": IMAGE, "video": VIDEO}
 TINY = ["--model", "ernie-tiny", "--temperature", "0"]
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
+PRINTF_PNG_SIG = 'printf "\\211PNG\\r\\n\\032\\n"'  # the same 8 bytes, from bash
 REPO = "baidu/ERNIE-4.5-VL-28B-A3B-PT"
 
 
@@ -247,11 +248,21 @@ def test_endless_noise_on_stdin_ends_at_once(tmp, source):
 
 def test_endless_pipe_stops_at_the_limit_with_bounded_memory(tmp):
     cwd, env = tmp
-    script = 'exec "$0" describe <(printf "\\211PNG\\r\\n\\032\\n"; cat /dev/zero) --model ernie-tiny'
+    script = f'exec "$0" describe <({PRINTF_PNG_SIG}; cat /dev/zero) --model ernie-tiny'
     proc = _bash(script, cwd, ERNIE_MAX_DOWNLOAD_MB="128", **env)
     assert_one_line_error(proc, "/dev/fd/", "128 MB limit")
     assert proc.peak_rss_mib < 100, proc.peak_rss_mib
     assert proc.seconds < 60
+    assert_store_gone(cwd)
+
+
+def test_store_that_cannot_grow_is_one_line(tmp):
+    """A full disk under $TMPDIR, played by a 1000-block file size limit (ulimit -f)."""
+    cwd, env = tmp
+    script = f'ulimit -f 1000; exec "$0" describe <({PRINTF_PNG_SIG}; head -c 3000000 /dev/zero) --model ernie-tiny'
+    proc = _bash(script, cwd, **env)
+    assert_one_line_error(proc, "cannot keep streamed media", "too large")
+    assert "TMPDIR" in proc.stderr_text
     assert_store_gone(cwd)
 
 

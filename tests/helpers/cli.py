@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,32 +73,41 @@ class Measured:
         return self.stderr.decode("utf-8", errors="replace")
 
 
+# Runs argv as its child and writes the child's peak RSS (KiB) to argv[1]: measured from a small
+# parent, since a child of the test process would count the pytest process's own pages
+# (fork copies the parent's high-water mark and exec keeps it).
+_MEASURE = """import resource, subprocess, sys
+rc = subprocess.call(sys.argv[2:])
+open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(rc if rc >= 0 else 128 - rc)
+"""
+
+
 def run_measured(argv: list[str], tmp_path: Path, *, stdin=subprocess.DEVNULL,
                  feed: Callable[[BinaryIO], None] | None = None, timeout: float = 60,
                  env: dict[str, str] | None = None, **extra_env: str) -> Measured:
     """Run argv (e.g. [str(ERNIE), ...] or ["bash", "-c", ...]) and measure it; `feed` writes its stdin
     from a thread (closing it when done). The peak RSS covers the child and the children it waited for."""
     start = time.monotonic()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if feed else stdin, stdout=out, stderr=err, cwd=tmp_path,
-                                env=env or ernie_env(tmp_path, **extra_env))
+    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        rss_file = os.path.join(scratch, "rss")
+        proc = subprocess.Popen([sys.executable, "-c", _MEASURE, rss_file, *argv], stdin=subprocess.PIPE if feed else stdin,
+                                stdout=out, stderr=err, cwd=tmp_path, env=env or ernie_env(tmp_path, **extra_env),
+                                start_new_session=True)
         if feed:
             threading.Thread(target=_feed, args=(feed, proc.stdin), daemon=True).start()
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - start > timeout:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                raise AssertionError(f"{argv} still running after {timeout} s")
-            time.sleep(0.02)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"{argv} still running after {timeout} s") from None
         seconds = time.monotonic() - start
         out.seek(0)
         err.seek(0)
-        return Measured(proc.returncode, out.read(), err.read(), seconds, usage.ru_maxrss / 1024)
+        with open(rss_file) as f:
+            peak_kib = int(f.read())
+        return Measured(proc.returncode, out.read(), err.read(), seconds, peak_kib / 1024)
 
 
 def _feed(feed: Callable[[BinaryIO], None], pipe: BinaryIO) -> None:
