@@ -201,7 +201,7 @@ def config_path(model: str, revision: str | None, offline: bool | None) -> Path:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from model.hub import KNOWN_REVISIONS
+    from model.checkpoint.hub import KNOWN_REVISIONS
 
     revision = revision or KNOWN_REVISIONS.get(ref)  # the revision `ernie pull` and `describe` use
     off = hub_offline(offline)
