@@ -7,6 +7,7 @@ any model is loaded: a missing path, a directory, an empty or truncated file, a 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -162,8 +163,8 @@ class MediaResolver:
             return self._from_stream(stream, ref, ref)
 
     def resolve_bytes(self, data: bytes, label: str) -> MediaInput:
-        """Bytes from elsewhere (a request body): sniffed, written to the temp dir, checked like a file."""
-        return self._from_bytes(data, label, label)
+        """Bytes from elsewhere (a request body): into the store like stdin (same limit), checked like a file."""
+        return self._from_stream(io.BytesIO(data), label, label)
 
     def cleanup(self) -> None:
         if self._store is not None:
