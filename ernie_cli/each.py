@@ -79,8 +79,10 @@ def answered(resume: Path) -> set[str]:
             obj = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(obj, dict) and isinstance(obj.get("path"), str) and "error" not in obj and "text" in obj:
-            done.add(obj["path"])
+        for item in obj if isinstance(obj, list) else [obj]:  # a --json array works too
+            if isinstance(item, dict) and isinstance(item.get("path"), str) and "error" not in item \
+                    and "text" in item:
+                done.add(item["path"])
     return done
 
 
@@ -179,7 +181,8 @@ class EachRun:
             return False
         except KeyboardInterrupt:
             self.stop.set()
-            runner.close(timeout=None)
+            _ignore_sigint()  # a second Ctrl-C while the finished answers are written would lose them
+            runner.close(timeout=10)  # the step in flight ends, then every unfinished request is cancelled
             while not self.results.empty():
                 index, outcome = self.results.get()
                 ready.setdefault(index, outcome)
@@ -241,6 +244,13 @@ class EachRun:
             self.results.put((index, Outcome(ref, error=_message(request.error))))
         else:
             self.results.put((index, Outcome(ref, finished=request.finished)))
+
+
+def _ignore_sigint() -> None:
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _message(error: BaseException) -> str:

@@ -230,3 +230,28 @@ def test_progress_bar_on_a_terminal_stderr(world):
     quiet.expect(pexpect.EOF)
     quiet.close()
     assert quiet.exitstatus == 0 and "files/s" not in quiet.before, quiet.before
+
+
+def test_resume_reads_answered_paths_from_jsonl_or_a_json_array(tmp_path):
+    from ernie_cli.each import answered
+
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text(json.dumps({"path": "x.png", "text": "t"}) + "\n" + json.dumps({"path": "y.png", "error": "e"})
+                     + "\nnot json\n" + '{"path": "z.png", "te')  # a line cut by a kill
+    array = tmp_path / "b.json"
+    array.write_text(json.dumps([{"path": "p.png", "text": "t"}, {"path": "q.png", "error": "e"}]))
+    assert answered(jsonl) == {"x.png"} and answered(array) == {"p.png"}
+    assert answered(tmp_path / "new.jsonl") == set()  # a first run: nothing to skip
+
+
+def test_stdin_lists_skip_blank_lines_and_keep_spaces(tmp_path):
+    import io
+
+    from ernie_cli.each import read_inputs
+    from model.errors import ErnieError
+
+    listing = io.StringIO("a.png\n\n  \nmy photo.jpg\r\nhttps://x/y.png\n")
+    assert read_inputs(["first.png", "-", "last.png"], listing) == [
+        "first.png", "a.png", "my photo.jpg", "https://x/y.png", "last.png"]
+    with pytest.raises(ErnieError, match="only once"):
+        read_inputs(["-", "-"], io.StringIO(""))
