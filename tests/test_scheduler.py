@@ -192,3 +192,20 @@ def test_per_row_mask_shows_each_row_its_own_slots():
                                       [True] * 5]
     padded = build_attention_mask(torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), torch.tensor([[3], [4]]), 5)
     assert padded[:, 0, 0].tolist() == [[False, True, True, True, False], [True] * 5]
+
+
+def test_min_admit_waits_for_free_rows_and_changes_no_answer(ernie):
+    configs = [GenerationConfig(max_new_tokens=n, eos_token_id=(-1,)) for n in (3, 9, 4, 9, 5, 6, 2)]
+    prompts = [PROMPTS[name] for name in list(PROMPTS) + ["text", "image"]]
+    scheduler = Scheduler(ernie, max_batch=4, min_admit=2)
+    handles = [scheduler.submit(p, c) for p, c in zip(prompts, configs)]
+    started: set[int] = set()
+
+    def check(s, events):
+        fresh = {e.request.id for e in events if isinstance(e, RequestStep) and e.index == 0} - started
+        started.update(fresh)
+        assert len(fresh) != 1 or s.num_waiting == 0 or len(started) == 1, "a prefill for one while others wait"
+
+    _, done = run_all(scheduler, check)
+    for handle, prompt, config in zip(handles, prompts, configs):
+        assert done[handle.id].token_ids == alone(ernie, prompt, config)[0]
