@@ -203,7 +203,7 @@ def _optional(obj: dict, name: str, kind: type, param: str | None = None):
     if not ok:
         names = {bool: "a boolean", int: "an integer", float: "a number", dict: "an object", str: "a string"}
         raise bad(f"{param or name} must be {names[kind]}, found {_kind(value)} {value!r:.40}", param or name)
-    return float(value) if kind is float else value
+    return float(value) if kind is float else int(value) if kind is int else value
 
 
 def _is_int(value: Any) -> bool:

@@ -34,6 +34,7 @@ from ernie_cli.openai_api import (ApiError, ChatRequest, chunk_json, completion_
 from model.errors import ErnieError, MediaError
 
 GONE = object()  # the client disconnected
+PREPARERS = 2  # prompts built at once (see Server._preparers)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Server:
     def __init__(self, engine, worker: BatchWorker, options: ServeOptions, names: list[str]):
         self.engine, self.worker, self.options, self.names = engine, worker, options, names
         self.created = int(time.time())
+        self._limiter = None  # made inside the event loop
 
     def app(self):
         from starlette.applications import Starlette
@@ -156,9 +158,18 @@ class Server:
             job.prepared = prepare(self.engine, chat.messages, chat.settings)
 
         try:
-            await anyio.to_thread.run_sync(work)
+            await anyio.to_thread.run_sync(work, limiter=self._preparers())
         except ErnieError as e:
             raise _as_api_error(e) from None
+
+    def _preparers(self):
+        """At most PREPARERS prompts are built at once: more threads would only fight the decode loop
+        for the cores and the GIL (media decoding and patching are CPU-bound)."""
+        import anyio
+
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(PREPARERS)
+        return self._limiter
 
     def _submit(self, job: Job) -> None:
         try:

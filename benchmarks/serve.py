@@ -1,0 +1,175 @@
+"""`ernie serve` on ernie-tiny: 16 concurrent greedy requests against the same 16 one after another,
+and the HTTP layer's share of a request.
+
+    python benchmarks/serve.py [--rounds 3] [--max-tokens N] [--out benchmarks/serve-results.json]
+
+It starts the real server (`ernie serve --model ernie-tiny --port 0`) as a subprocess and talks to
+it over HTTP from this process, as a client would. The 16 requests are the examples/ picture and
+clips with four prompts, greedy. Each round times the 16 one after another and the 16 at once
+(all started together from 16 threads), alternating which goes first, and checks that the two
+give identical answers. Targets (issue 22): concurrent at least 3x faster than sequential.
+
+The HTTP layer's share: for every sequential request, the client's wall time minus the time the
+server reports in its `Server-Timing` header for building the prompt (`prepare`: decoding the
+data: URLs, media checks, chat template, tokenizing) and for the answer (`engine`: queue and
+decoding). What is left is connection, body transfer and JSON parsing, validation, the hop
+between the event loop and the decode thread, and serialising the answer. Target: at most 5 ms
+at the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+PROMPTS = {"image": ["Describe this image.", "What shapes are there?"],
+           "video": ["Describe this video.", "Which way does it move?"]}
+
+
+def bodies(max_tokens: int | None) -> list[dict]:
+    media = [("image", "image/png", EXAMPLES / "shapes.png"),
+             ("video", "video/mp4", EXAMPLES / "red-circle-left-to-right.mp4"),
+             ("video", "video/mp4", EXAMPLES / "blue-square-top-to-bottom.mp4")]
+    out = []
+    for i in range(16):
+        kind, mime, path = media[i % 3]
+        url = f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+        content = [{"type": "text", "text": PROMPTS[kind][i % 2]}, {"type": f"{kind}_url", f"{kind}_url": {"url": url}}]
+        body = {"model": "ernie-tiny", "messages": [{"role": "user", "content": content}], "temperature": 0}
+        if max_tokens:
+            body["max_tokens"] = max_tokens
+        out.append(body)
+    return out
+
+
+class Server:
+    def __init__(self, extra: list[str]):
+        ernie = Path(sys.executable).with_name("ernie")
+        self.proc = subprocess.Popen([str(ernie), "serve", "--model", "ernie-tiny", "--port", "0", *extra],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.port = None
+        for raw in self.proc.stderr:
+            line = raw.decode()
+            if line.startswith("ernie serve: ") and " at http://" in line:
+                self.port = int(line.split(" at http://", 1)[1].split("/")[0].rsplit(":", 1)[1])
+                break
+        if self.port is None:
+            raise SystemExit("ernie serve did not start (is the serve extra installed? pip install -e '.[serve]')")
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+
+    def post(self, body: dict) -> tuple[str, float, dict[str, float]]:
+        """(answer, client seconds, server timings in seconds)."""
+        data = json.dumps(body)
+        start = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        conn.request("POST", "/v1/chat/completions", body=data, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        raw = response.read()
+        elapsed = time.perf_counter() - start
+        conn.close()
+        if response.status != 200:
+            raise SystemExit(f"HTTP {response.status}: {raw[:300]!r}")
+        timings = {}
+        for item in (response.getheader("Server-Timing") or "").split(","):
+            name, _, dur = item.strip().partition(";dur=")
+            if dur:
+                timings[name] = float(dur) / 1000
+        return json.loads(raw)["choices"][0]["message"]["content"], elapsed, timings
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def sequential(server: Server, work: list[dict]):
+    start = time.perf_counter()
+    results = [server.post(b) for b in work]
+    return time.perf_counter() - start, results
+
+
+def concurrent(server: Server, work: list[dict]):
+    barrier = threading.Barrier(len(work))
+
+    def one(body):
+        barrier.wait()
+        return server.post(body)
+
+    with ThreadPoolExecutor(len(work)) as pool:
+        start = time.perf_counter()
+        results = list(pool.map(one, work))
+    return time.perf_counter() - start, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=None, help="answer length (default: the checkpoint's)")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    args = parser.parse_args()
+    work = bodies(args.max_tokens)
+    server = Server([])
+    try:
+        for body in work[:3]:
+            server.post(body)  # warm-up: first-use costs (kernels, caches) out of the figures
+        concurrent(server, work)
+        seq_times, conc_times, overheads, answers = [], [], [], None
+        for r in range(args.rounds):
+            order = (sequential, concurrent) if r % 2 == 0 else (concurrent, sequential)
+            for run in order:
+                wall, results = run(server, work)
+                texts = [t for t, _, _ in results]
+                if answers is None:
+                    answers = texts
+                if texts != answers:
+                    raise SystemExit(f"round {r}: {run.__name__} answers differ from the first round's")
+                if run is sequential:
+                    seq_times.append(wall)
+                    overheads += [e - timing.get("prepare", 0) - timing.get("engine", 0) for _, e, timing in results]
+                else:
+                    conc_times.append(wall)
+                print(f"round {r}: {run.__name__:10s} {wall:7.3f} s", file=sys.stderr)
+    finally:
+        server.stop()
+    seq, conc = statistics.median(seq_times), statistics.median(conc_times)
+    overhead_ms = statistics.median(overheads) * 1000
+    report = {
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "load_average": os.getloadavg()},
+        "requests": 16, "rounds": args.rounds, "max_tokens": args.max_tokens,
+        "sequential_s": seq_times, "concurrent_s": conc_times,
+        "speedup": round(seq / conc, 2), "speedup_target": 3.0,
+        "http_overhead_ms_median": round(overhead_ms, 2), "http_overhead_target_ms": 5.0,
+        "answers_identical": True,
+    }
+    print(f"16 sequential {seq:.3f} s, 16 concurrent {conc:.3f} s: {seq / conc:.2f}x "
+          f"({'PASS' if seq / conc >= 3 else 'FAIL'} >= 3x); HTTP layer {overhead_ms:.2f} ms median per request "
+          f"({'PASS' if overhead_ms <= 5 else 'FAIL'} <= 5 ms)")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
