@@ -282,8 +282,26 @@ def test_full_queue_gets_503_and_a_disconnect_frees_the_slot(slow):
         status, payload = request(server, "POST", "/v1/chat/completions",
                                   {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
         assert status == 200 and payload["usage"]["completion_tokens"] == 2
+        _ctrl_c_on_the_client_frees_the_row(server, slow)
     finally:
         assert server.stop() == 0
+
+
+def _ctrl_c_on_the_client_frees_the_row(server, cwd):
+    """`ernie describe --server` interrupted mid-answer: exit 130, [interrupted], and the server's row is free."""
+    import subprocess
+
+    from tests.helpers.cli import ERNIE, ernie_env
+
+    client = subprocess.Popen([str(ERNIE), "describe", str(IMAGE), "--server", server.url, "-n", str(LONG)], cwd=cwd,
+                              env=ernie_env(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert wait_until(lambda: request(server, "GET", "/health")[1]["running"] == 1, timeout=60)
+    time.sleep(0.5)
+    client.send_signal(signal.SIGINT)
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 130 and b"[interrupted]" in err and TRACEBACK.encode() not in err, err
+    assert out  # the answer so far was printed
+    assert wait_until(lambda: request(server, "GET", "/health")[1]["running"] == 0, timeout=30)
 
 
 def test_sigterm_ends_answers_in_flight_and_exits_0(slow):
