@@ -175,6 +175,8 @@ def serve(
                                           help="Largest request body; larger get 413.", min=0.001)] = 64.0,
     grace: Annotated[float, _opt("--grace", env="GRACE", panel=SERVE,
                                  help="Seconds answers in flight may finish after SIGTERM.", min=0.0)] = 10.0,
+    media_urls: Annotated[bool, _opt("--media-urls/--no-media-urls", env="MEDIA_URLS", panel=SERVE,
+                                     help="Fetch http(s) media URLs clients send (off: data: URLs only).")] = True,
     fps: Fps = None, max_frames: MaxFrames = None, no_timestamps: NoStamps = False, max_pixels: MaxPixels = None,
     verbose: Annotated[bool, _opt("--verbose", "-v", env="VERBOSE", panel=OUT, help="Log every request.")] = False,
 ) -> None:
@@ -183,7 +185,7 @@ def serve(
 
     run_serve(LoadOptions(model, revision, device.value, dtype.value, offline or None),
               MediaOptions(fps, max_frames, not no_timestamps, max_pixels),
-              ServeOptions(host, port, api_key, max_batch, queue_size, max_request_mb, grace, verbose))
+              ServeOptions(host, port, api_key, max_batch, queue_size, max_request_mb, grace, verbose, media_urls))
 
 
 @app.command()

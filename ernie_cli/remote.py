@@ -122,7 +122,10 @@ class RemoteEngine:
         reader = _StreamReader(cancel)
         with self._open("POST", "/chat/completions", body, timeout=timeout_s()) as response:
             state["response"] = response
-            yield from reader.read(response, self.base)
+            if response.headers.get_content_type() == "application/json":  # a server that ignored stream: true
+                yield from reader.feed(_read_json(response, self.base), self.base)
+            else:
+                yield from reader.read(response, self.base)
         reason = "interrupted" if cancel.is_set() and reader.reason is None else FINISH.get(reader.reason, reader.reason)
         extra = {"model": reader.model or self.name, "server": self.base, "load_s": self.load_s,
                  "preprocess_s": encode_s, "media": media_rows(conversation)}
@@ -181,7 +184,7 @@ class _StreamReader:
         self.model = chunk.get("model") or self.model
         self.usage = chunk.get("usage") or self.usage
         for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
+            delta = choice.get("delta") or choice.get("message") or {}  # a chunk, or a whole completion
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning:
                 self.first = self.first or time.perf_counter()
@@ -230,8 +233,6 @@ def _sse_payloads(response, cancel: threading.Event, base: str) -> Iterator[str]
                 data = []
         elif line.startswith("data:"):
             data.append(line[5:].lstrip(" "))
-        elif not line.startswith(":") and ":" not in line and line.strip().startswith("{"):
-            data.append(line)  # a plain JSON body (a server that ignored stream: true)
 
 
 def _drain(events: queue.Queue, cancel: threading.Event, state: dict) -> Iterator[Any]:

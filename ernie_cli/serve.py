@@ -47,6 +47,7 @@ class ServeOptions:
     max_body_mb: float = 64.0
     grace_s: float = 10.0
     verbose: bool = False
+    fetch_urls: bool = True  # fetch http(s) media URLs; off: only data: URLs are accepted
 
 
 def require_serve_extra() -> None:
@@ -154,7 +155,7 @@ class Server:
         import anyio
 
         def work():
-            resolve_media(chat, resolver)
+            resolve_media(chat, resolver, self.options.fetch_urls)
             job.prepared = prepare(self.engine, chat.messages, chat.settings)
 
         try:
@@ -293,7 +294,7 @@ def _sse(obj: dict) -> str:
 
 # --- media ---------------------------------------------------------------------------------------------
 
-def resolve_media(chat: ChatRequest, resolver: MediaResolver) -> None:
+def resolve_media(chat: ChatRequest, resolver: MediaResolver, fetch_urls: bool = True) -> None:
     """Fetch or decode every media URL into a checked local file; the parts then point at those files.
 
     The files live in the resolver's private temp dir until the worker has built the prompt.
@@ -301,6 +302,9 @@ def resolve_media(chat: ChatRequest, resolver: MediaResolver) -> None:
     for part, ref in chat.media:
         if ref.url.startswith("data:"):
             found = resolver.resolve_bytes(data_url_bytes(ref.url), part.source)
+        elif not fetch_urls:
+            raise MediaError(f"this server does not fetch media URLs ({ref.url[:60]}); send the file inline as a "
+                             "data: URL")
         else:
             found = resolver.resolve(ref.url)
         if found.kind != ref.kind:

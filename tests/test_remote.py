@@ -197,3 +197,15 @@ def test_describe_with_server_does_not_import_torch(vllm, tmp_path):
 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert ANSWER in proc.stdout and "NO-TORCH" in proc.stderr, proc.stderr
+
+
+def test_a_server_that_ignores_stream_true_still_answers(vllm, tmp_path):
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": MODEL,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER, "reasoning_content": "Hm."},
+                         "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}
+    vllm.answer = (200, "application/json", json.dumps(body, indent=2).encode())
+    proc = describe(vllm, tmp_path, str(EXAMPLES / "shapes.png"), "--json")
+    out = json.loads(proc.stdout_text)
+    assert (out["text"], out["thinking"], out["finish_reason"]) == (ANSWER, "Hm.", "length")
+    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 7}

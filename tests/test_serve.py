@@ -144,6 +144,25 @@ def test_thinking_comes_back_in_reasoning_content(served):
     assert message["reasoning_content"], "ernie-tiny given <think> writes some reasoning within 12 tokens"
 
 
+def test_http_media_urls_are_fetched(served):
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    files = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(EXAMPLES)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{files.server_address[1]}/{VIDEO.name}"
+        assert answer(served, user("Describe this video.", ("video", url))) == answer(served, video_message())
+        status, payload = chat(served, user("Describe this video.", ("video", url + ".missing")))
+        assert status == 400 and "404" in payload["error"]["message"]
+    finally:
+        files.shutdown()
+
+
 def test_history_and_system_prompt(served):
     first = answer(served, image_message())
     second = answer(served, {"role": "system", "content": "You are terse."}, image_message(),
@@ -264,8 +283,11 @@ def _open_stream(served, max_tokens=LONG):
 
 
 def test_full_queue_gets_503_and_a_disconnect_frees_the_slot(slow):
-    server = Served(slow, "--model", "ckpt", "--max-batch", "1", "--queue-size", "1")
+    server = Served(slow, "--model", "ckpt", "--max-batch", "1", "--queue-size", "1", "--no-media-urls")
     try:
+        status, payload = request(server, "POST", "/v1/chat/completions",
+                                  {"messages": [user("hi", ("image", "http://127.0.0.1:9/cat.png"))]})
+        assert status == 400 and "does not fetch media URLs" in payload["error"]["message"]
         running = _open_stream(server)
         assert wait_until(lambda: request(server, "GET", "/health")[1]["running"] == 1)
         queued = threading.Thread(target=request, args=(server, "POST", "/v1/chat/completions",
