@@ -6,9 +6,11 @@
 
 Requests are validated by `openai_api` (400 with the field named), media are resolved off the
 event loop (http(s) downloads and data: URLs, checked as `ernie describe` checks files), then the
-job joins `BatchWorker`'s bounded queue (503 when it is full). A streamed answer starts only once
-the prompt is built, so bad media or an over-long prompt still get their 400. A client that goes
-away cancels its job: queued, it is dropped; decoding, its row stops at the next token.
+request joins the bounded queue of `ernie_cli.batch.BatchRunner` (503 when it is full), which
+decodes concurrent requests together through the continuous-batching scheduler. A streamed
+answer starts only once the prompt is built, so bad media or an over-long prompt still get their
+400. A client that goes away cancels its request: queued, it is dropped; decoding, its row stops
+at the next step.
 SIGTERM (or Ctrl-C) stops accepting connections, lets answers in flight finish for `grace`
 seconds, cancels the rest and exits 0 (130 after Ctrl-C).
 """
@@ -27,13 +29,73 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ernie_cli.batcher import BatchWorker, Job, QueueFull, prepare
 from ernie_cli.media import MediaResolver
 from ernie_cli.openai_api import (ApiError, ChatRequest, chunk_json, completion_json, models_json, parse_chat_request,
                                   usage_json)
 from model.errors import ErnieError, MediaError
 
 GONE = object()  # the client disconnected
+
+
+class QueueFull(Exception):
+    """`max_queue` requests already wait for a row, or the server is shutting down."""
+
+
+class Jobs:
+    """The server's side of `ernie_cli.batch.BatchRunner` (issue 21's text side of the scheduler):
+    a bound on waiting requests, one thread per request that forwards its events to the event loop,
+    and cancellation of everything still out at shutdown."""
+
+    def __init__(self, engine, max_batch: int, max_queue: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ernie_cli.batch import BatchRunner
+
+        self.runner = BatchRunner(engine, max_batch)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self._active: set = set()  # TextRequests not yet finished
+        self._lock = threading.Lock()
+        self._closing = False
+        self._pool = ThreadPoolExecutor(max_batch + max_queue + 2, thread_name_prefix="ernie-events")
+
+    def submit(self, prepared, emit):
+        """Queue a prepared conversation; its events go to `emit`. QueueFull, or ContextLengthError."""
+        with self._lock:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            waiting = self.runner.scheduler.num_waiting
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting (the queue holds {self.max_queue})")
+            request = self.runner.submit(prepared)
+            self._active.add(request)
+        self._pool.submit(self._forward, request, emit)
+        return request
+
+    def _forward(self, request, emit) -> None:
+        try:
+            for event in request.events():
+                emit(event)
+        except BaseException as e:  # the request's error, handed to its HTTP handler
+            emit(e)
+        finally:
+            with self._lock:
+                self._active.discard(request)
+
+    @property
+    def load(self) -> dict[str, int]:
+        with self._lock:
+            waiting, out = self.runner.scheduler.num_waiting, len(self._active)
+        return {"waiting": waiting, "running": max(out - waiting, 0)}
+
+    def stop(self) -> None:
+        """Cancel every request still out (answers end as 'interrupted') and stop the runner."""
+        with self._lock:
+            self._closing = True
+            out = list(self._active)
+        for request in out:  # also those the scheduler was admitting when the shutdown came
+            request.cancel()
+        self.runner.close()
+        self._pool.shutdown(wait=False)
 PREPARERS = 2  # prompts built at once (see Server._preparers)
 
 
@@ -66,10 +128,10 @@ def require_serve_extra() -> None:
 # --- the app -----------------------------------------------------------------------------------------
 
 class Server:
-    """The routes, over one engine and its BatchWorker."""
+    """The routes, over one engine and its Jobs."""
 
-    def __init__(self, engine, worker: BatchWorker, options: ServeOptions, names: list[str]):
-        self.engine, self.worker, self.options, self.names = engine, worker, options, names
+    def __init__(self, engine, jobs: Jobs, options: ServeOptions, names: list[str]):
+        self.engine, self.jobs, self.options, self.names = engine, jobs, options, names
         self.created = int(time.time())
         self._limiter = None  # made inside the event loop
 
@@ -87,7 +149,7 @@ class Server:
     async def health(self, request):
         from starlette.responses import JSONResponse
 
-        return JSONResponse({"status": "ok", "model": self.names[0], **self.worker.load})
+        return JSONResponse({"status": "ok", "model": self.names[0], **self.jobs.load})
 
     async def models(self, request):
         from starlette.responses import JSONResponse
@@ -102,26 +164,26 @@ class Server:
             raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves {self.names[0]!r}",
                            param="model", code="model_not_found")
         events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        job = Job(chat.messages, chat.settings, _sink(loop, events))
-        watcher = asyncio.ensure_future(_watch_disconnect(request, job, events))
+        emit = _sink(asyncio.get_running_loop(), events)
+        client = _Client()
+        watcher = asyncio.ensure_future(_watch_disconnect(request, client, events))
         resolver, streaming = MediaResolver(), False
         try:
             start = time.perf_counter()
-            await self._prepare(chat, job, resolver)  # media read, prompt built, context checked: 400s end here
+            prepared = await self._prepare(chat, resolver)  # media read, prompt built: 400s end here
             resolver.cleanup()
-            prepared = time.perf_counter()
-            self._submit(job)
+            prepare_s = time.perf_counter() - start
+            client.request = self._submit(prepared, emit)
             if chat.stream:
                 watcher.cancel()  # the streaming response listens for the disconnect itself
                 streaming = True
-                return self._stream(chat, job, events)
-            return await self._whole(chat, events, prepared - start)
+                return self._stream(chat, client.request, events)
+            return await self._whole(chat, events, prepare_s)
         finally:
             watcher.cancel()
             resolver.cleanup()
             if not streaming:
-                job.cancel.set()
+                client.cancel()
 
     # --- request pieces ---------------------------------------------------------------------------
     def _check_key(self, request) -> None:
@@ -150,16 +212,16 @@ class Server:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
-    async def _prepare(self, chat: ChatRequest, job: Job, resolver: MediaResolver) -> None:
+    async def _prepare(self, chat: ChatRequest, resolver: MediaResolver):
         """Off the event loop (these threads run beside the decode loop): fetch media, build the prompt."""
         import anyio
 
         def work():
             resolve_media(chat, resolver, self.options.fetch_urls)
-            job.prepared = prepare(self.engine, chat.messages, chat.settings)
+            return self.engine.prepare(chat.messages, chat.settings)
 
         try:
-            await anyio.to_thread.run_sync(work, limiter=self._preparers())
+            return await anyio.to_thread.run_sync(work, limiter=self._preparers())
         except ErnieError as e:
             raise _as_api_error(e) from None
 
@@ -172,11 +234,13 @@ class Server:
             self._limiter = anyio.CapacityLimiter(PREPARERS)
         return self._limiter
 
-    def _submit(self, job: Job) -> None:
+    def _submit(self, prepared, emit):
         try:
-            self.worker.submit(job)
+            return self.jobs.submit(prepared, emit)
         except QueueFull as e:
             raise ApiError(503, f"the server is busy: {e}; retry later", code="queue_full") from None
+        except ErnieError as e:  # a prompt plus max_tokens over the context
+            raise _as_api_error(e) from None
 
     async def _whole(self, chat: ChatRequest, events: asyncio.Queue, prepare_s: float):
         from processing.events import Finished
@@ -193,13 +257,13 @@ class Server:
                 timing = f"prepare;dur={prepare_s * 1000:.2f}, engine;dur={(time.perf_counter() - started) * 1000:.2f}"
                 return JSONResponse(body, headers={"Server-Timing": timing})
 
-    def _stream(self, chat: ChatRequest, job: Job, events: asyncio.Queue):
+    def _stream(self, chat: ChatRequest, job, events: asyncio.Queue):
         from starlette.responses import StreamingResponse
 
         return StreamingResponse(self._sse(chat, job, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _sse(self, chat: ChatRequest, job: Job, events: asyncio.Queue):
+    async def _sse(self, chat: ChatRequest, job, events: asyncio.Queue):
         from processing.events import Finished, TextDelta, ThinkingDelta
 
         name = self.names[0]
@@ -222,7 +286,7 @@ class Server:
                     break
             yield "data: [DONE]\n\n"
         finally:
-            job.cancel.set()
+            job.cancel()  # the client went away, or the answer ended (then this does nothing)
 
     # --- errors -----------------------------------------------------------------------------------
     async def _api_error(self, request, error: ApiError):
@@ -240,7 +304,7 @@ class Server:
 
 
 def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
-    """The worker thread's way into this request's queue (a no-op once the loop has closed)."""
+    """An event-forwarding thread's way into this request's queue (a no-op once the loop has closed)."""
     def emit(event) -> None:
         try:
             loop.call_soon_threadsafe(events.put_nowait, event)
@@ -250,12 +314,25 @@ def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
     return emit
 
 
-async def _watch_disconnect(request, job: Job, events: asyncio.Queue) -> None:
-    """Until cancelled: when the client disconnects, cancel its job and wake whoever waits on events."""
+class _Client:
+    """A request's link to its generation, for whoever notices first that the client went away."""
+
+    def __init__(self):
+        self.request = None  # ernie_cli.batch.TextRequest, once submitted
+        self.gone = False
+
+    def cancel(self) -> None:
+        self.gone = True
+        if self.request is not None:
+            self.request.cancel()
+
+
+async def _watch_disconnect(request, client: _Client, events: asyncio.Queue) -> None:
+    """Until cancelled: when the client disconnects, cancel its generation and wake whoever waits."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            job.cancel.set()
+            client.cancel()
             events.put_nowait(GONE)
             return
 
@@ -297,7 +374,7 @@ def _sse(obj: dict) -> str:
 def resolve_media(chat: ChatRequest, resolver: MediaResolver, fetch_urls: bool = True) -> None:
     """Fetch or decode every media URL into a checked local file; the parts then point at those files.
 
-    The files live in the resolver's private temp dir until the worker has built the prompt.
+    The files live in the resolver's private temp dir until the prompt is built.
     """
     for part, ref in chat.media:
         if ref.url.startswith("data:"):
@@ -331,17 +408,19 @@ def data_url_bytes(url: str) -> bytes:
 # --- running -------------------------------------------------------------------------------------------
 
 def run_serve(load, media_options, options: ServeOptions) -> None:
-    """Load the model, start the worker, serve until SIGTERM or Ctrl-C; exit 0 (130 after Ctrl-C)."""
+    """Load the model, start the batch runner, serve until SIGTERM or Ctrl-C; exit 0 (130 after Ctrl-C)."""
     require_serve_extra()
     from ernie_cli.engine import make_engine
 
     engine = make_engine()
     print(f"Loading {load.model}…", file=sys.stderr, flush=True)
     engine.load(load, media_options)
-    worker = BatchWorker(engine, options.max_batch, options.max_queue).start()
-    server = Server(engine, worker, options, [load.model])
-    received = _serve(server, options)
-    worker.stop()
+    jobs = Jobs(engine, options.max_batch, options.max_queue)
+    server = Server(engine, jobs, options, [load.model])
+    try:
+        received = _serve(server, options)
+    finally:
+        jobs.stop()
     if received == signal.SIGINT:
         sys.exit(130)
 
@@ -359,10 +438,10 @@ def _serve(server: Server, options: ServeOptions) -> int | None:
     # that a SIGTERM ends in exit status 0 instead of death by signal.
     previous = {sig: signal.signal(sig, lambda s, f: received.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
     host, port = sock.getsockname()[:2]
-    print(f"ernie serve: {server.names[0]} at http://{_url_host(host)}:{port}/v1 (batch {server.worker.max_batch}, "
-          f"queue {server.worker.max_queue}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    print(f"ernie serve: {server.names[0]} at http://{_url_host(host)}:{port}/v1 (batch {server.jobs.max_batch}, "
+          f"queue {server.jobs.max_queue}); Ctrl-C to stop", file=sys.stderr, flush=True)
     uv = uvicorn.Server(config)
-    threading.Thread(target=_end_after_grace, args=(uv, server.worker, options.grace_s), daemon=True).start()
+    threading.Thread(target=_end_after_grace, args=(uv, server.jobs, options.grace_s), daemon=True).start()
     try:
         uv.run(sockets=[sock])
     finally:
@@ -372,7 +451,7 @@ def _serve(server: Server, options: ServeOptions) -> int | None:
     return received[0] if received else None
 
 
-def _end_after_grace(uv, worker: BatchWorker, grace_s: float) -> None:
+def _end_after_grace(uv, jobs: Jobs, grace_s: float) -> None:
     """Once uvicorn stops accepting, give answers in flight `grace_s` seconds, then cancel them all.
 
     Cancelled answers end as answers do (finish_reason "abort", then [DONE]), so every connection
@@ -381,9 +460,9 @@ def _end_after_grace(uv, worker: BatchWorker, grace_s: float) -> None:
     while not uv.should_exit:
         time.sleep(0.05)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(worker.load.values()):
+    while time.monotonic() < deadline and any(jobs.load.values()):
         time.sleep(0.05)
-    worker.stop()
+    jobs.stop()
 
 
 def _bind(host: str, port: int):
