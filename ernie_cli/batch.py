@@ -105,6 +105,16 @@ class TextRequest:
                 self._queue.put(piece)
 
 
+class _Sink:
+    """Takes a TextRequest's events in place of its queue: each one goes to a callback."""
+
+    def __init__(self, sink: Callable[[Any], None]):
+        self._sink = sink
+
+    def put(self, item: Any) -> None:
+        self._sink(None if item is _END else item.error if isinstance(item, _Failure) else item)
+
+
 class BatchRunner:
     """Runs the engine's model in a scheduling thread; ``submit`` prepared conversations to it.
 
@@ -128,11 +138,16 @@ class BatchRunner:
         self._thread = threading.Thread(target=self._run, name="ernie-scheduler", daemon=True)
         self._thread.start()
 
-    def submit(self, prepared: Prepared, tag: Any = None) -> TextRequest:
+    def submit(self, prepared: Prepared, tag: Any = None, sink: Callable[[Any], None] | None = None) -> TextRequest:
         """Queue one prepared conversation (raises ContextLengthError when it cannot fit).
-        ``tag`` rides along on the request (``request.tag``) for the caller's bookkeeping."""
+        ``tag`` rides along on the request (``request.tag``) for the caller's bookkeeping.
+        ``sink``, instead of ``events()``: called in the scheduling thread with each event as it
+        happens, then ``None`` at the end (errors arrive as exceptions). ``ernie serve`` hands the
+        events straight to its event loop this way, with no thread per request."""
         request = TextRequest(prepared, self.engine)
         request.tag = tag
+        if sink is not None:
+            request._queue = _Sink(sink)
         with self._lock:
             if self._closing or self.failure is not None:
                 raise ErnieError("the batch runner has stopped")

@@ -35,6 +35,7 @@ from ernie_cli.openai_api import (ApiError, ChatRequest, chunk_json, completion_
 from model.errors import ErnieError, MediaError
 
 GONE = object()  # the client disconnected
+PREPARERS = 2  # prompts built at once (see Server._preparers)
 
 
 class QueueFull(Exception):
@@ -43,12 +44,10 @@ class QueueFull(Exception):
 
 class Jobs:
     """The server's side of `ernie_cli.batch.BatchRunner` (issue 21's text side of the scheduler):
-    a bound on waiting requests, one thread per request that forwards its events to the event loop,
-    and cancellation of everything still out at shutdown."""
+    a bound on waiting requests, events handed from the scheduling thread to the event loop, and
+    cancellation of everything still out at shutdown."""
 
     def __init__(self, engine, max_batch: int, max_queue: int):
-        from concurrent.futures import ThreadPoolExecutor
-
         from ernie_cli.batch import BatchRunner
 
         self.runner = BatchRunner(engine, max_batch)
@@ -56,7 +55,6 @@ class Jobs:
         self._active: set = set()  # TextRequests not yet finished
         self._lock = threading.Lock()
         self._closing = False
-        self._pool = ThreadPoolExecutor(max_batch + max_queue + 2, thread_name_prefix="ernie-events")
 
     def submit(self, prepared, emit):
         """Queue a prepared conversation; its events go to `emit`. QueueFull, or ContextLengthError."""
@@ -66,24 +64,16 @@ class Jobs:
             waiting = self.runner.scheduler.num_waiting
             if waiting >= self.max_queue:
                 raise QueueFull(f"{waiting} requests are already waiting (the queue holds {self.max_queue})")
-            request = self.runner.submit(prepared)
-            self._active.add(request)
-        self._pool.submit(self._forward, request, emit)
+            # the sink runs in the scheduling thread: it must not take self._lock (submit holds it
+            # while the runner takes its own lock); None marks the end, which `done` tells as well
+            request = self.runner.submit(prepared, sink=lambda event: event is not None and emit(event))
+            self._active = {r for r in self._active if not r.done.is_set()} | {request}
         return request
-
-    def _forward(self, request, emit) -> None:
-        try:
-            for event in request.events():
-                emit(event)
-        except BaseException as e:  # the request's error, handed to its HTTP handler
-            emit(e)
-        finally:
-            with self._lock:
-                self._active.discard(request)
 
     @property
     def load(self) -> dict[str, int]:
         with self._lock:
+            self._active = {r for r in self._active if not r.done.is_set()}
             waiting, out = self.runner.scheduler.num_waiting, len(self._active)
         return {"waiting": waiting, "running": max(out - waiting, 0)}
 
@@ -91,12 +81,10 @@ class Jobs:
         """Cancel every request still out (answers end as 'interrupted') and stop the runner."""
         with self._lock:
             self._closing = True
-            out = list(self._active)
+            out = [r for r in self._active if not r.done.is_set()]
         for request in out:  # also those the scheduler was admitting when the shutdown came
             request.cancel()
         self.runner.close()
-        self._pool.shutdown(wait=False)
-PREPARERS = 2  # prompts built at once (see Server._preparers)
 
 
 @dataclass(frozen=True)
