@@ -38,6 +38,11 @@ GONE = object()  # the client disconnected
 PREPARERS = 2  # prompts built at once (see Server._preparers)
 
 
+def _out(request) -> bool:
+    """Still generating: its Finished (set before it is sent) or its error has not come yet."""
+    return request.finished is None and request.error is None and not request.done.is_set()
+
+
 class QueueFull(Exception):
     """`max_queue` requests already wait for a row, or the server is shutting down."""
 
@@ -67,13 +72,13 @@ class Jobs:
             # the sink runs in the scheduling thread: it must not take self._lock (submit holds it
             # while the runner takes its own lock); None marks the end, which `done` tells as well
             request = self.runner.submit(prepared, sink=lambda event: event is not None and emit(event))
-            self._active = {r for r in self._active if not r.done.is_set()} | {request}
+            self._active = {r for r in self._active if _out(r)} | {request}
         return request
 
     @property
     def load(self) -> dict[str, int]:
         with self._lock:
-            self._active = {r for r in self._active if not r.done.is_set()}
+            self._active = {r for r in self._active if _out(r)}
             waiting, out = self.runner.scheduler.num_waiting, len(self._active)
         return {"waiting": waiting, "running": max(out - waiting, 0)}
 
@@ -81,7 +86,7 @@ class Jobs:
         """Cancel every request still out (answers end as 'interrupted') and stop the runner."""
         with self._lock:
             self._closing = True
-            out = [r for r in self._active if not r.done.is_set()]
+            out = [r for r in self._active if _out(r)]
         for request in out:  # also those the scheduler was admitting when the shutdown came
             request.cancel()
         self.runner.close()

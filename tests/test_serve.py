@@ -315,6 +315,7 @@ def _ctrl_c_on_the_client_frees_the_row(server, cwd):
 
     from tests.helpers.cli import ERNIE, ernie_env
 
+    assert wait_until(lambda: request(server, "GET", "/health")[1]["running"] == 0, timeout=30)
     client = subprocess.Popen([str(ERNIE), "describe", str(IMAGE), "--server", server.url, "-n", str(LONG)], cwd=cwd,
                               env=ernie_env(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert wait_until(lambda: request(server, "GET", "/health")[1]["running"] == 1, timeout=60)
