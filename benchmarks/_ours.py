@@ -17,6 +17,8 @@ NAME = "ernie"
 
 
 class Side:
+    quantize = None  # "int8" / "int4": weight-only quantized (bench.py --quantize)
+
     def __init__(self, checkpoint: Path, device: str):
         self.checkpoint, self.device = Path(checkpoint), torch.device(device)
         self.model = self.processor = None
@@ -26,7 +28,8 @@ class Side:
         from model import load_pretrained
         from processing.processor import ErnieVLProcessor
 
-        self.model = load_pretrained(str(self.checkpoint), dtype="bfloat16", device=str(self.device))
+        self.model = load_pretrained(str(self.checkpoint), dtype="bfloat16", device=str(self.device),
+                                     quantize=self.quantize)
         self.processor = ErnieVLProcessor.from_pretrained(self.checkpoint)
 
     def build_random(self) -> None:
@@ -43,7 +46,11 @@ class Side:
                 self.model = ErnieVL(config).eval()  # init_weights runs on the device, N(0, 0.02)
         finally:
             torch.set_default_dtype(previous)
-        if self.device.type == "cpu":  # what load_pretrained does on CPU: packed only where it pays
+        if self.quantize:  # quantized in place on the device (the bf16 weights are dropped module by module)
+            from model.quantize import QuantSpec, quantize_model
+
+            quantize_model(self.model, QuantSpec.parse(self.quantize))
+        elif self.device.type == "cpu":  # what load_pretrained does on CPU: packed only where it pays
             from model.backends.cpu.packing import pack_for_cpu, packing_pays
             if packing_pays():
                 pack_for_cpu(self.model)

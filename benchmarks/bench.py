@@ -351,6 +351,8 @@ def run_worker(side_name: str, spec_path: Path) -> None:
     torch.set_num_threads(spec["threads"])
     module = importlib.import_module(SIDES[side_name])
     side = module.Side(Path(spec["checkpoint"]), spec["device"])
+    if spec.get("quantize") and side_name == "ernie":
+        side.quantize = spec["quantize"]  # int8 / int4 weights (benchmarks/quant.py compares them with bf16)
     out: dict = {"side": side_name, "rss_before_load": max_rss_bytes()}
     start = time.perf_counter()
     side.build_random() if spec["random_init"] else side.load()
@@ -472,7 +474,7 @@ def run_side(side: str, args, checkpoint: Path, out_dir: Path) -> dict:
     """One side in a fresh interpreter; its JSON result, or {"error": ...} when it failed."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"checkpoint": str(checkpoint), "device": args.device, "threads": args.threads,
-                "random_init": args.random_init,
+                "random_init": args.random_init, "quantize": args.quantize,
                 "phases": [ph for ph in PHASES[1:] if args.only in (None, ph)],
                 "image_size": args.image_size, "prefill_tokens": args.prefill_tokens,
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "profile": args.profile,
@@ -681,6 +683,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "each side's best timings: on a shared machine speed drifts over minutes")
     p.add_argument("--only", choices=PHASES, default=None, help="one measurement (load is always done)")
     p.add_argument("--skip-reference", action="store_true", help="measure ernie only")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="ernie's weights quantized (as --quantize); e.g. --device cuda --skip-reference, "
+                        "against a bf16 run, for the GPU decode target of issue 20")
     p.add_argument("--init", choices=("disk", "random"), default=None,
                    help="disk: cached checkpoint (CPU default; on CUDA it times loading the shards onto the GPU); "
                         "random: build weights on the device (CUDA default)")

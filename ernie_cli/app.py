@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from ernie_cli import __version__
-from ernie_cli.settings import DEFAULT_MODEL, DEVICES, DTYPES, GenerationSettings, LoadOptions, MediaOptions
+from ernie_cli.settings import DEFAULT_MODEL, DEVICES, DTYPES, QUANTIZATIONS, GenerationSettings, LoadOptions, MediaOptions
 
 app = typer.Typer(
     name="ernie", no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -38,6 +38,9 @@ DeviceName = Enum("DeviceName", {d: d for d in DEVICES}, type=str)
 DtypeName = Enum("DtypeName", {d: d for d in DTYPES}, type=str)
 Device = Annotated[DeviceName, _opt("--device", env="DEVICE", panel=LOAD, help="Where to run.")]
 Dtype = Annotated[DtypeName, _opt("--dtype", env="DTYPE", panel=LOAD, help="Weight precision.")]
+QuantName = Enum("QuantName", {q: q for q in QUANTIZATIONS}, type=str)
+Quantize = Annotated[Optional[QuantName], _opt("--quantize", env="QUANTIZE", panel=LOAD,
+                                               help="Quantize weights while loading (weight-only int8/int4).")]
 Offline = Annotated[bool, _opt("--offline", env="OFFLINE", panel=LOAD, help="Never touch the network.")]
 ServerUrl = Annotated[Optional[str], _opt("--server", env="SERVER", panel=LOAD,
                                           help="Answer on this OpenAI-compatible server (ernie serve, vLLM...).")]
@@ -91,7 +94,7 @@ def describe(
     prompt: Annotated[Optional[str], _opt("--prompt", "-p", env="PROMPT", help="What to ask (default: describe).")] = None,
     prompt_file: Annotated[Optional[Path], _opt("--prompt-file", env="PROMPT_FILE", help="Read the prompt from a file.")] = None,
     model: Model = DEFAULT_MODEL, revision: Revision = None, device: Device = DeviceName.auto, dtype: Dtype = DtypeName.auto,
-    offline: Offline = False, server: ServerUrl = None, api_key: ApiKey = None,
+    quantize: Quantize = None, offline: Offline = False, server: ServerUrl = None, api_key: ApiKey = None,
     max_new_tokens: MaxNew = None, temperature: Temp = None, top_p: TopP = None,
     top_k: TopK = None, min_p: MinP = None, repetition_penalty: RepPen = None, seed: Seed = None, stop: Stop = None,
     system: System = None, system_file: SystemFile = None, think: Think = None, thinking_budget: Budget = None,
@@ -128,7 +131,8 @@ def describe(
         raise typer.BadParameter("--batch-size and --resume work with --each", param_hint="--each")
     run_describe(
         media, prompt=prompt, prompt_file=prompt_file, system=system, system_file=system_file,
-        load=LoadOptions(model, revision, device.value, dtype.value, offline or None, server, api_key),
+        load=LoadOptions(model, revision, device.value, dtype.value, offline or None, server, api_key,
+                         quantize=quantize and quantize.value),
         media_options=MediaOptions(fps, max_frames, not no_timestamps, max_pixels),
         settings=_settings(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, think,
                            thinking_budget),
@@ -140,7 +144,7 @@ def chat(
     media: Annotated[Optional[list[str]], typer.Argument(help="Media attached to your first message.",
                                                          show_default=False, metavar="[MEDIA]...")] = None,
     model: Model = DEFAULT_MODEL, revision: Revision = None, device: Device = DeviceName.auto, dtype: Dtype = DtypeName.auto,
-    offline: Offline = False, server: ServerUrl = None, api_key: ApiKey = None,
+    quantize: Quantize = None, offline: Offline = False, server: ServerUrl = None, api_key: ApiKey = None,
     max_new_tokens: MaxNew = None, temperature: Temp = None, top_p: TopP = None,
     top_k: TopK = None, min_p: MinP = None, repetition_penalty: RepPen = None, seed: Seed = None, stop: Stop = None,
     system: System = None, system_file: SystemFile = None, think: Think = None, thinking_budget: Budget = None,
@@ -152,7 +156,8 @@ def chat(
 
     run_chat(
         media or [], system=system, system_file=system_file,
-        load=LoadOptions(model, revision, device.value, dtype.value, offline or None, server, api_key),
+        load=LoadOptions(model, revision, device.value, dtype.value, offline or None, server, api_key,
+                         quantize=quantize and quantize.value),
         media_options=MediaOptions(fps, max_frames, not no_timestamps, max_pixels),
         settings=_settings(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, think,
                            thinking_budget),
@@ -212,6 +217,24 @@ def rm(model: Annotated[str, typer.Argument(help="Repo id as shown by `ernie mod
     from ernie_cli.models_cmd import run_rm
 
     run_rm(model, yes=yes)
+
+
+@app.command("quantize")
+def quantize_(
+    model: Annotated[str, typer.Argument(help="Hub repo id, checkpoint dir, or ernie-tiny.")],
+    outdir: Annotated[Path, typer.Argument(help="Directory to write the quantized checkpoint to.")],
+    bits: Annotated[int, _opt("--bits", "-b", env="QUANTIZE_BITS", panel=LOAD, help="4 or 8.", min=4, max=8)] = 4,
+    group_size: Annotated[Optional[int], _opt("--group-size", env="QUANTIZE_GROUP", panel=LOAD,
+                                              help="Columns per scale (default 64 for int4, 128 for int8).")] = None,
+    revision: Revision = None, offline: Offline = False,
+    force: Annotated[bool, _opt("--force", "-f", env="FORCE", panel=OUT, help="Replace OUTDIR if it exists.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write a weight-only int8/int4 copy of a model that `--model OUTDIR` loads in seconds."""
+    from ernie_cli.quantize_cmd import run_quantize
+
+    run_quantize(model, outdir, bits=bits, group_size=group_size, revision=revision, offline=offline or None,
+                 force=force, quiet=quiet)
 
 
 @app.command()

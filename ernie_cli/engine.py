@@ -90,7 +90,8 @@ class TorchEngine:
         from model import load_pretrained
         from processing.processor import ErnieVLProcessor
 
-        self.model = load_pretrained(str(root), dtype=options.dtype, device=options.device, offline=True)
+        self.model = load_pretrained(str(root), dtype=options.dtype, device=options.device, offline=True,
+                                     quantize=options.quantize)
         self.processor = _with_media_options(ErnieVLProcessor.from_pretrained(root), media)
         self.base_config = GenerationConfig.from_file(root)
         self.name = options.model

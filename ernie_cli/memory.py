@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ernie_cli.modelinfo import DTYPE_BYTES, human_bytes, kv_cache_bytes, weight_bytes
+from ernie_cli.modelinfo import DTYPE_BYTES, human_bytes, kv_cache_bytes, quantization_of, quantized_weight_bytes, weight_bytes
 from ernie_cli.settings import LoadOptions
 from model.config import ErnieVLConfig
 from model.errors import ErnieError
@@ -59,8 +59,14 @@ def free_bytes(device: str) -> int | None:
     return None
 
 
-def needed_bytes(cfg: ErnieVLConfig, dtype: str) -> int:
-    return int((weight_bytes(cfg, dtype) + kv_cache_bytes(cfg, KV_TOKENS, dtype)) * HEADROOM)
+def needed_bytes(cfg: ErnieVLConfig, dtype: str, bits: int | None = None, group: int | None = None) -> int:
+    """Weights (quantized to ``bits`` when given) + a KV cache of KV_TOKENS, with headroom."""
+    weights = weight_bytes(cfg, dtype) if bits is None else quantized_weight_bytes(cfg, bits, group, dtype)
+    return int((weights + kv_cache_bytes(cfg, KV_TOKENS, dtype)) * HEADROOM)
+
+
+def quantize_bits(name: str | None) -> int | None:
+    return None if not name or name in ("none", "bf16") else int(str(name).removeprefix("int"))
 
 
 def check_memory(root: Path, options: LoadOptions) -> None:
@@ -70,13 +76,19 @@ def check_memory(root: Path, options: LoadOptions) -> None:
         return
     cfg = ErnieVLConfig.from_file(config_path)
     dtype = options.dtype if options.dtype != "auto" else checkpoint_dtype(config_path)
+    stored = quantization_of(json.loads(config_path.read_text(encoding="utf-8")))
+    bits, group = (stored["bits"], stored.get("group_size")) if stored else (quantize_bits(options.quantize), None)
     device = chosen_device(options.device)
-    need, free = needed_bytes(cfg, dtype), free_bytes(device)
+    need, free = needed_bytes(cfg, dtype, bits, group), free_bytes(device)
     if free is None or need <= free:
         return
     smaller = [d for d in ("bfloat16", "float16") if DTYPE_BYTES[d] < DTYPE_BYTES[dtype]]
-    hints = [f"--dtype {smaller[0]} needs {human_bytes(needed_bytes(cfg, smaller[0]))}"] if smaller else []
+    hints = [f"--dtype {smaller[0]} needs {human_bytes(needed_bytes(cfg, smaller[0], bits, group))}"] if smaller else []
+    if not stored:
+        hints += [f"--quantize int{b} needs {human_bytes(needed_bytes(cfg, dtype, b))}" for b in (8, 4)
+                  if bits is None or b < bits]
     hints += ["--device cpu to use system memory"] if device != "cpu" else ["--device cuda if you have a GPU"]
     raise OutOfMemoryError(
-        f"not enough memory on {device}: the model needs about {human_bytes(need)} in {dtype}, "
+        f"not enough memory on {device}: the model needs about {human_bytes(need)} in "
+        f"{f'int{bits}' if bits else dtype}, "
         f"{human_bytes(free)} is free", hint="; ".join(hints + ["or set ERNIE_SKIP_MEMORY_CHECK=1 to try anyway"]))

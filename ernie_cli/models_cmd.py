@@ -15,7 +15,8 @@ from typing import Any, Iterator
 from rich.console import Console
 
 from ernie_cli.engine import ASSETS, resolve_model_ref
-from ernie_cli.modelinfo import DTYPE_BYTES, count_parameters, human_bytes, human_count, kv_cache_bytes
+from ernie_cli.modelinfo import (DTYPE_BYTES, count_parameters, format_name, human_bytes, human_count, kv_cache_bytes,
+                                 quantization_of, quantized_weight_bytes)
 from ernie_cli.settings import TINY_MODEL
 from model.errors import ErnieError, ModelNotFoundError
 
@@ -134,7 +135,13 @@ def cached_models() -> list[dict[str, Any]]:
     tiny = ASSETS / TINY_MODEL
     if (tiny / "config.json").exists():
         size = sum(f.stat().st_size for f in tiny.rglob("*") if f.is_file())
-        rows.append({"name": TINY_MODEL, "source": "bundled", "size_bytes": size, "revisions": [], "path": str(tiny)})
+        rows.append({"name": TINY_MODEL, "source": "bundled", "size_bytes": size, "revisions": [], "path": str(tiny),
+                     "format": _format(tiny)})
+    from ernie_cli.quantize_cmd import dir_bytes, local_models
+
+    for path in local_models():
+        rows.append({"name": str(path), "source": "local", "size_bytes": dir_bytes(path), "revisions": [],
+                     "path": str(path), "format": _format(path)})
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
@@ -146,9 +153,19 @@ def cached_models() -> list[dict[str, Any]]:
         if repo.repo_type != "model":
             continue
         revisions = [{"commit": r.commit_hash, "refs": sorted(r.refs)} for r in repo.revisions]
+        snapshots = sorted(repo.revisions, key=lambda r: r.last_modified)
         rows.append({"name": repo.repo_id, "source": "hub-cache", "size_bytes": repo.size_on_disk,
-                     "revisions": revisions, "path": str(repo.repo_path)})
+                     "revisions": revisions, "path": str(repo.repo_path),
+                     "format": _format(Path(snapshots[-1].snapshot_path)) if snapshots else "-"})
     return rows
+
+
+def _format(directory: Path) -> str:
+    """A checkpoint directory's weight format ("bfloat16", "int4 (group 64)", ...); "-" when unreadable."""
+    try:
+        return format_name(json.loads((directory / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return "-"
 
 
 def run_models(as_json: bool) -> None:
@@ -159,11 +176,11 @@ def run_models(as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for col in ("MODEL", "SIZE", "REVISION", "SOURCE"):
+    for col in ("MODEL", "FORMAT", "SIZE", "REVISION", "SOURCE"):
         table.add_column(col)
     for row in rows:
         revs = ", ".join(",".join(r["refs"]) or r["commit"][:12] for r in row["revisions"]) or "-"
-        table.add_row(row["name"], human_bytes(row["size_bytes"]), revs, row["source"])
+        table.add_row(row["name"], row["format"], human_bytes(row["size_bytes"]), revs, row["source"])
     out_console().print(table)
 
 
@@ -220,7 +237,18 @@ def model_summary(model: str, path: Path) -> dict[str, Any]:
     from model.config import ErnieVLConfig
 
     cfg = ErnieVLConfig.from_file(path)
+    raw = json.loads(path.read_text(encoding="utf-8"))
     t, v, p = cfg.text, cfg.vision, count_parameters(cfg)
+    stored = quantization_of(raw)
+    if stored:  # as stored (float parts in the checkpoint's float dtype)
+        floats = str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16").removeprefix("torch.")
+        memory = {format_name(raw): quantized_weight_bytes(cfg, stored["bits"], stored.get("group_size"),
+                                                           floats if floats in DTYPE_BYTES else "bfloat16",
+                                                           lm_head=stored.get("lm_head", True),
+                                                           vision=stored.get("vision", True))}
+    else:
+        memory = {d: p.total * b for d, b in DTYPE_BYTES.items()}
+        memory.update({f"int{b}": quantized_weight_bytes(cfg, b) for b in (8, 4)})
     return {
         "model": model, "config": str(path),
         "text": {"layers": t.num_hidden_layers, "hidden_size": t.hidden_size, "heads": t.num_attention_heads,
@@ -230,7 +258,10 @@ def model_summary(model: str, path: Path) -> dict[str, Any]:
                  "shared_experts": t.moe_num_shared_experts, "tied_embeddings": t.tie_word_embeddings},
         "vision": {"depth": v.depth, "hidden_size": v.hidden_size, "patch_size": v.patch_size},
         "parameters": {"total": p.total, "active_per_text_token": p.active_text, "vision": p.vision, "experts": p.experts},
-        "memory_bytes": {d: p.total * b for d, b in DTYPE_BYTES.items()},
+        "format": format_name(raw),
+        "quantization": quantization_of(raw),
+        "memory_bytes": memory,
+        "size_on_disk_bytes": sum(f.stat().st_size for f in path.parent.glob("*.safetensors")) or None,
         "kv_cache_bytes_per_1k_tokens_bf16": kv_cache_bytes(cfg, 1024, "bfloat16"),
     }
 
@@ -243,6 +274,8 @@ def run_info(model: str, revision: str | None, offline: bool | None, as_json: bo
     t, p = summary["text"], summary["parameters"]
     lines = [
         f"model         {model}",
+        f"format        {summary['format']}" + (f", {human_bytes(summary['size_on_disk_bytes'])} on disk"
+                                                 if summary["size_on_disk_bytes"] else ""),
         f"parameters    {human_count(p['total'])} total, {human_count(p['active_per_text_token'])} active per text token "
         f"(vision {human_count(p['vision'])})",
         f"text          {t['layers']} layers ({t['moe_layers']} MoE), hidden {t['hidden_size']}, "

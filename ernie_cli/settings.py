@@ -14,6 +14,7 @@ TINY_MODEL = "ernie-tiny"
 DEFAULT_MODEL = "baidu/ERNIE-4.5-VL-28B-A3B-PT"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+QUANTIZATIONS = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class LoadOptions:
     offline: bool | None = None
     server: str | None = None  # an OpenAI-compatible server's URL: generate there instead (ernie_cli/remote.py)
     api_key: str | None = None  # its bearer key
+    quantize: str | None = None  # "int8" / "int4": weight-only, quantized while loading
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,8 @@ class ErnieVL(nn.Module):
         # output_weight in the backend's own layout (CPU bf16: oneDNN-packed), or None; counted as a buffer
         self.register_buffer("packed_head", None, persistent=False)
         self.backend = select_backend(self.output_weight.device)
+        self.quantized_head = None  # a QuantLinear in place of the vocabulary projection (model/quantize.py)
+        self.quantization = None  # the QuantSpec of a quantized model
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -84,11 +86,13 @@ class ErnieVL(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str = DEFAULT_REPO, revision: str | None = None,
                         dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-                        offline: bool | None = None, pack: bool = True) -> "ErnieVL":
+                        offline: bool | None = None, pack: bool = True, quantize: str | None = None) -> "ErnieVL":
         """A checkpoint (local directory or Hub repo id) loaded in eval mode; see
-        ``model.checkpoint.loading.load_checkpoint`` for dtype, device, offline and pack."""
+        ``model.checkpoint.loading.load_checkpoint`` for dtype, device, offline, pack and quantize
+        ("int8" / "int4": weight-only, quantized while loading; a directory written by
+        ``ernie quantize`` loads quantized without it)."""
         return load_checkpoint(cls.from_config, path_or_repo_id, revision=revision, dtype=dtype,
-                               device=device, offline=offline, pack=pack)
+                               device=device, offline=offline, pack=pack, quantize=quantize)
 
     def use_backend(self, backend: Backend) -> "ErnieVL":
         """Run every operation on ``backend`` (the loader calls it with its device's backend)."""
@@ -176,7 +180,10 @@ class ErnieVL(nn.Module):
         hidden, router_logits = self.model(inputs_embeds, position_ids, mask, vision_mask, cache, cache_position,
                                            keep_last)
         hidden = _keep_last(hidden, logits_to_keep)
-        logits = self.backend.vocab_logits(hidden, self.output_weight, self.packed_head)  # (B, T_kept, V)
+        if self.quantized_head is not None:
+            logits = self.quantized_head(hidden)  # (B, T_kept, V)
+        else:
+            logits = self.backend.vocab_logits(hidden, self.output_weight, self.packed_head)  # (B, T_kept, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         aux_loss = None
         if output_router_logits:

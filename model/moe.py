@@ -94,12 +94,12 @@ class Experts(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.bank is not None:
+        if self.bank is not None and not getattr(self.bank, "quantized", False):  # a quantized bank saves itself
             destination[prefix + "gate_up_proj"], destination[prefix + "down_proj"] = self.bank.dense()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        if self.bank is not None:
+        if self.bank is not None and not getattr(self.bank, "quantized", False):
             names = (prefix + "gate_up_proj", prefix + "down_proj")
             missing_keys.extend(n for n in names if n not in state_dict)
             if all(n in state_dict for n in names):

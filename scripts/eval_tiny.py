@@ -8,6 +8,7 @@ the conversation, and only the answer about the second one is scored.
 
     python scripts/eval_tiny.py                      # 200 images, 50 videos, 50 follow-ups, the shipped checkpoint
     python scripts/eval_tiny.py --images 20 --videos 6 --model-dir /tmp/ernie-tiny
+    python scripts/eval_tiny.py --dtype bfloat16 --quantize int4    # weight-only int4 (as --quantize int4)
 """
 
 from __future__ import annotations
@@ -128,20 +129,31 @@ def evaluate_loaded(model, processor, n_images: int, n_videos: int, seed: int = 
 
 
 def evaluate(model_dir: Path, n_images: int, n_videos: int, seed: int = HELD_OUT_SEED,
-             failures: list | None = None, n_followups: int = 0) -> dict:
-    """Load the checkpoint in ``model_dir`` the way the CLI does, then ``evaluate_loaded``."""
+             failures: list | None = None, n_followups: int = 0, dtype: str = "auto",
+             quantize: str | None = None) -> dict:
+    """Load the checkpoint in ``model_dir`` the way the CLI does (``dtype``, ``quantize``: its
+    --dtype and --quantize), then ``evaluate_loaded``."""
     import torch
 
     from model import load_pretrained
     from processing.processor import ErnieVLProcessor
 
     torch.manual_seed(0)
-    model = load_pretrained(str(model_dir), device="cpu")
+    model = load_pretrained(str(model_dir), device="cpu", dtype=dtype, quantize=quantize)
     processor = ErnieVLProcessor.from_pretrained(model_dir)
     result = evaluate_loaded(model, processor, n_images, n_videos, seed=seed, failures=failures)
     if n_followups:
         result.update(evaluate_followups(model, processor, n_followups, seed=seed + 1, failures=failures))
     return result
+
+
+def quant_spec(args):
+    """--quantize plus the two measured choices (lm_head, vision tower) as a model.quantize.QuantSpec."""
+    if not args.quantize:
+        return None
+    from model.quantize import QuantSpec
+
+    return QuantSpec(int(args.quantize[3:]), lm_head=not args.keep_lm_head, vision=args.quantize_vision)
 
 
 def main() -> None:
@@ -154,12 +166,16 @@ def main() -> None:
     parser.add_argument("--followups", type=int, default=50, help="second chat turns (new media after a first exchange)")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="auto", help="as the CLI's --dtype (ernie-tiny is stored in float32)")
+    parser.add_argument("--quantize", choices=("int8", "int4"), help="as the CLI's --quantize")
+    parser.add_argument("--keep-lm-head", action="store_true", help="with --quantize: the vocabulary projection stays float")
+    parser.add_argument("--quantize-vision", action="store_true", help="with --quantize: the vision tower too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     failures: list = []
     start = time.time()
     result = evaluate(args.model_dir, args.images, args.videos, seed=args.seed, failures=failures,
-                      n_followups=args.followups)
+                      n_followups=args.followups, dtype=args.dtype, quantize=quant_spec(args))
     result["seconds"] = round(time.time() - start, 1)
     for name, expected, got in failures[:20]:
         print(f"wrong  {name}: expected {expected!r}, got {got!r}")

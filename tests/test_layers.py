@@ -22,10 +22,10 @@ LAYERS = [
     ("model.ernie_vl",),  # the whole model: builds itself from a checkpoint, generates
     ("model.generation", "model.checkpoint"),  # the decode loop; reading checkpoints
     ("model.text", "model.vision", "model.resampler", "model.attention", "model.moe", "model.rope",
-     "model.positions"),  # the architecture's parts
+     "model.positions", "model.quantize"),  # the architecture's parts; the quantization transform
     ("model.backends",),  # picking a backend for a device
     ("model.backends.cpu", "model.backends.cuda"),  # one folder per device kind
-    ("model.backends.base",),  # the interface and its plain torch implementation
+    ("model.backends.base", "model.backends.qformat"),  # the interface and its plain torch implementation
     ("model.config", "model.errors"),
 ]
 

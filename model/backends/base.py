@@ -20,6 +20,8 @@ B = batch, Hq / Hkv = query / key-value heads, T = queries, S = key slots, D = h
 - ``attention(q, k, v, mask, causal)``: ``F.scaled_dot_product_attention`` with grouped heads,
   where causal aligns the T queries with the *last* T of the S key slots;
 - ``rotate_vision(x, cos, sin)``: the vision tower's half-wise RoPE;
+- ``quant_linear(x, qw, bias)``: a product with an int8 / int4 weight (model/quantize.py's
+  ``QuantLinear`` and quantized expert banks);
 - ``vocab_logits(hidden, weight, packed)``: the projection to the vocabulary.
 
 Load time (``model/checkpoint/loading.py`` asks): ``maps_weights`` (weights may stay views of
@@ -96,6 +98,11 @@ class Backend:
     def rotate_vision(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x (N, ..., D) half-wise with cos / sin (N, D); math in fp32, the result in x's dtype."""
         return rotate_vision_torch(x, cos, sin)
+
+    def quant_linear(self, x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., K) times an int8 / int4 weight (model/backends/qformat.py ``QuantizedWeight``, (N, K)),
+        + bias -> (..., N) in x's dtype: here the weight dequantized, then ``F.linear``."""
+        return F.linear(x, qw.dequantize(x.dtype), bias)
 
     def vocab_logits(self, hidden: torch.Tensor, weight: torch.Tensor,
                      packed: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,10 +29,12 @@ from torch import Tensor
 
 from model.backends import Backend, select_backend
 from model.checkpoint.hub import DEFAULT_REPO, resolve
+from model.checkpoint.quantized import load_quantized
 from model.checkpoint.weights import BANKS, PER_EXPERT_KEY, IGNORED, renamed
 from model.checkpoint.weights import to_ours
 from model.config import ErnieVLConfig
 from model.errors import CheckpointError, ErnieError
+from model.quantize import QuantSpec, quantize_model, spec_from_config
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -51,7 +53,7 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.sta
 
 def load_checkpoint(build: Callable, path_or_repo_id: str = DEFAULT_REPO, revision: str | None = None,
                     dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-                    offline: bool | None = None, pack: bool = True):
+                    offline: bool | None = None, pack: bool = True, quantize: "str | QuantSpec | None" = None):
     """The model ``build(config, device="meta")`` makes, in eval mode with the checkpoint's weights
     (see the module docstring). ``ErnieVL.from_pretrained`` is the public entry point.
 
@@ -62,39 +64,71 @@ def load_checkpoint(build: Callable, path_or_repo_id: str = DEFAULT_REPO, revisi
 
     dtype: "auto" (config ``torch_dtype``/``dtype``, else the tensors'), "bfloat16", "float16",
     "float32" or a torch dtype. device: "auto" (cuda > mps > cpu), "cpu", "cuda", "mps", ...
+
+    quantize: "int8" / "int4" (or a ``QuantSpec``) quantizes the weights while they load (on the
+    CPU, module by module, the source pages dropped as it goes: see model/quantize.py), then moves
+    them to the device. A checkpoint written by ``ernie quantize`` loads quantized without it
+    (model/checkpoint/quantized.py).
     """
     root = resolve(path_or_repo_id, revision=revision, offline=offline)
     config = ErnieVLConfig.from_file(root / "config.json")
+    spec = quantize if isinstance(quantize, QuantSpec) else QuantSpec.parse(quantize)
+    stored = spec_from_config(json.loads((root / "config.json").read_text(encoding="utf-8")))
     checkpoint = SafetensorsCheckpoint.open(root)
-    target_dtype = resolve_dtype(dtype, root, checkpoint)
     target_device = resolve_device(device)
     backend = select_backend(target_device)
-    packing = pack and backend.packs(target_dtype)
-    plan = _expert_sources(checkpoint, config) if pack and backend.maps_weights else None
+    if stored is not None:
+        if spec is not None and spec.bits != stored.bits:
+            raise ErnieError(f"{root} is already quantized to {stored.name}; it cannot be loaded as {spec.name}",
+                             hint=f"drop --quantize (or use {stored.name}), or quantize the original checkpoint")
+        float_dtype = None if str(dtype) == "auto" else resolve_dtype(dtype, root, checkpoint)
+        model = load_quantized(build, root, config, checkpoint, stored, float_dtype, target_device)
+        model.use_backend(backend)
+        finish_load(model, checkpoint, backend)
+        return model
+    target_dtype = resolve_dtype(dtype, root, checkpoint)
+    # a quantizing load reads the file in place on the CPU, quantizes there, then moves to the device
+    load_device = torch.device("cpu") if spec is not None else target_device
+    load_backend = select_backend(load_device)
+    packing = pack and spec is None and backend.packs(target_dtype)
+    plan = _expert_sources(checkpoint, config) if (pack or spec is not None) and load_backend.maps_weights else None
     views = None
     if plan is not None and not packing:
         views = _expert_views(checkpoint, plan, target_dtype)
         plan = None if views is None else plan
     source = checkpoint if plan is None else _WithStandIns(checkpoint, plan, config)
-    state = to_ours(source, config, dtype=target_dtype, device=target_device, release=checkpoint.release_pages)
+    state = to_ours(source, config, dtype=target_dtype, device=load_device, release=checkpoint.release_pages)
     model = build(config, device="meta")
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval()
-    model.use_backend(backend)
+    model.use_backend(load_backend)
     if views is not None:
         for (i, bank), pairs in views.items():
-            getattr(model.model.layers[i].mlp, f"{bank}_experts").use_bank(backend.expert_bank(pairs))
+            getattr(model.model.layers[i].mlp, f"{bank}_experts").use_bank(load_backend.expert_bank(pairs))
     elif plan is not None:
-        _pack_experts_from(checkpoint, plan, model, backend)
+        _pack_experts_from(checkpoint, plan, model, load_backend)
+    if spec is not None:
+        quantize_model(model, spec, release=checkpoint.release_pages)
+        model.to(target_device)  # (a no-op on the CPU)
+        model.use_backend(backend)
     if packing:
         backend.pack(model, release=checkpoint.release_pages)
-    if backend.maps_weights:  # copied pages were released as they went; map in those the model reads in place
-        checkpoint.populate([*model.parameters(), *model.buffers()])
+    finish_load(model, checkpoint, backend)
+    return model
+
+
+def finish_load(model, checkpoint: "SafetensorsCheckpoint", backend: Backend) -> None:
+    """Where the backend reads weights in place, map in the pages of the tensors the model reads
+    (copied pages were released as they went), except a quantized model's token embeddings: a
+    lookup reads a few rows, which fault in on their own. Elsewhere drop every page (all was
+    copied). Then the backend's ``loaded``."""
+    if backend.maps_weights:
+        skip = model.model.embed_tokens.weight if getattr(model, "quantization", None) is not None else None
+        checkpoint.populate([t for t in (*model.parameters(), *model.buffers()) if t is not skip])
     else:
         checkpoint.release_pages()
     backend.loaded(model)
-    return model
 
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from model.backends.base import Backend
-from model.backends.cpu import allocator, kernels, linear, packing
+from model.backends.cpu import allocator, kernels, linear, packing, qkernels
 
 # Steps of at most this many new tokens (decode) attend through ``kernels.attn_decode``: torch's
 # flash kernel spends ~2 us per cached token and layer on a query block of one row (2-core EPYC,
@@ -42,6 +42,13 @@ class CpuBackend(Backend):
         if kernels.rope_half_applies(x, cos, sin):
             return kernels.rope_half(x, cos, sin)  # one pass instead of six, the same numbers
         return super().rotate_vision(x, cos, sin)
+
+    def quant_linear(self, x, qw, bias=None):
+        if qkernels.applies(x, qw):  # decode: the int8 / int4 GEMV
+            return qkernels.gemv(x, qw, bias)
+        if x.is_cpu:  # more rows: dequantized (in C where it can), then one product
+            return qkernels.dequantized_product(x, qw, bias, linear.native_bf16_cpu())
+        return super().quant_linear(x, qw, bias)
 
     def vocab_logits(self, hidden, weight, packed=None):
         return packing.vocab_logits(hidden, weight, packed)

@@ -12,6 +12,13 @@ class CudaBackend(Backend):
 
     name = "cuda"
 
+    def quant_linear(self, x, qw, bias=None):
+        from model.backends.cuda import quant_matmul  # here: importing it imports Triton
+
+        if quant_matmul.applies(x, qw):
+            return quant_matmul.quant_linear(x, qw, bias)
+        return super().quant_linear(x, qw, bias)
+
     def modality_moe(self, moe, x, vision_mask):
         from model.backends.cuda.moe import modality_moe  # here: importing it imports Triton
 

@@ -50,11 +50,12 @@ def fuse_projections(model) -> None:
     separate weights become views of it (no extra memory, the same state dict). Idempotent."""
     for layer in model.model.layers:
         attn = layer.self_attn
-        if getattr(attn, "qkv_weight", None) is None:
+        if getattr(attn, "qkv_weight", None) is None and isinstance(attn.q_proj, torch.nn.Linear):  # not quantized
             attn.qkv_weight, attn.qkv_bias = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
         mlps = [layer.mlp] if not layer.is_moe else [layer.mlp.shared_experts]
         for mlp in mlps:
-            if mlp is not None and getattr(mlp, "gate_up_weight", None) is None:
+            if mlp is not None and getattr(mlp, "gate_up_weight", None) is None \
+                    and isinstance(mlp.gate_proj, torch.nn.Linear):
                 mlp.gate_up_weight, mlp.gate_up_bias = _fuse(mlp.gate_proj, mlp.up_proj)
 
 
@@ -145,7 +146,8 @@ class DecodeRunner:
             else:
                 h = swiglu(layer.mlp, y)
         _, x = _norm(text.norm, x, h)
-        self.logits.copy_(F.linear(x, self.model.output_weight))  # (B, V) fp32
+        head = getattr(self.model, "quantized_head", None)  # int8 / int4 vocabulary projection
+        self.logits.copy_(head(x) if head is not None else F.linear(x, self.model.output_weight))  # (B, V) fp32
 
     def _rope(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, D) fp32 of ``positions`` (3, B); as model.rope.text_rope, tables on the device."""
@@ -157,7 +159,10 @@ class DecodeRunner:
                    mask: torch.Tensor) -> torch.Tensor:
         """x (B, H) -> (B, H): fused qkv, RoPE and the cache write in one kernel, attention over the cache."""
         B, Hq, Hkv, D = x.shape[0], attn.n_heads, attn.n_kv_heads, attn.head_dim
-        qkv = F.linear(x, attn.qkv_weight, attn.qkv_bias)  # (B, (Hq + 2 Hkv) D)
+        if getattr(attn, "qkv_weight", None) is not None:
+            qkv = F.linear(x, attn.qkv_weight, attn.qkv_bias)  # (B, (Hq + 2 Hkv) D)
+        else:  # quantized projections (model/backends/cuda/quant_matmul.py through QuantLinear)
+            qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
         kbuf, vbuf = self.cache.keys[attn.layer_idx], self.cache.values[attn.layer_idx]  # (B, Hkv, L, D)
         q = rope_qkv_to_cache(qkv, cos, sin, Hq, Hkv, kbuf, vbuf, self.slot)  # (B, Hq, D)
         # the G query heads of one kv head as G query rows: no repeated keys, any SDPA kernel

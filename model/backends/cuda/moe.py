@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from model.backends.cuda.fused_moe import fused_experts, route
+from model.backends.cuda.quant_matmul import quant_bank_product
 
 
 def modality_moe(moe, x: torch.Tensor, vision_mask: torch.Tensor | None,
@@ -49,6 +50,8 @@ def modality_moe(moe, x: torch.Tensor, vision_mask: torch.Tensor | None,
 
 def bank_product(bank, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """One ``Experts`` bank on x (N, H) for the chosen experts (N, K) (-1: none) -> (N, H)."""
+    if getattr(bank.bank, "quantized", False):  # int8 / int4 weights (model/quantize.py)
+        return quant_bank_product(bank.bank, x, experts, weights)
     if bank.gate_up_proj is None:
         raise RuntimeError("the fused MoE needs the stacked expert weights (a CPU-packed bank was moved "
                            "to the GPU); load the model with device='cuda'")
