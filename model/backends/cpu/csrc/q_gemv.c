@@ -180,6 +180,7 @@ typedef struct {
     void *y;
     int y_f32;
     int group_shift; /* G = 32 << group_shift */
+    int64_t NG;      /* K / G: scales per row (a division kept out of the loops) */
 } job;
 
 #ifdef __AVX512F__
@@ -214,7 +215,7 @@ static inline __mmask64 chunk_bytes(int64_t c, int64_t nblocks, int bits) {
 /* the weight scale of each lane's block, for the two halves of chunk c of one row (see the
    layout above): blocks 4c..4c+3 take groups (4c..4c+3) * 32 / G */
 static inline void chunk_wscales(const job *j, int64_t n, int64_t c, int64_t nblocks, int bits, __m512 sw[2]) {
-    const uint16_t *S = j->S + n * (j->K / j->G);
+    const uint16_t *S = j->S + n * j->NG;
     __m128 four; /* the scales of blocks 4c .. 4c + 3 */
     const int gs = j->group_shift; /* G = 32 << gs */
     if (gs >= 2) {
@@ -413,7 +414,7 @@ static int gemv(const void *x, int x_f32, int64_t M, int64_t K, const uint8_t *W
     quantize_x(x, x_f32, M, K, Kp, G, bits, xq, sx, xs);
     int group_shift = 0;
     while ((BLOCK << group_shift) < G) group_shift++;
-    job j = {xq, sx, xs, K, Kp, G, N, bits == 8 ? K : K / 2, W, S, Z, bias, y, y_f32, group_shift};
+    job j = {xq, sx, xs, K, Kp, G, N, bits == 8 ? K : K / 2, W, S, Z, bias, y, y_f32, group_shift, K / G};
     block_fn fn = (bits == 8 ? BLOCKS8 : BLOCKS4)[M];
     int64_t nblocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
     if (nthreads <= 1 || nblocks < 2 || N * K < MIN_PARALLEL) {
