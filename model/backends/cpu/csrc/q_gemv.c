@@ -251,6 +251,10 @@ static inline __attribute__((always_inline)) void rows_kernel(const job *j, int6
             const uint8_t *row = j->W + (n + r) * j->ldw;
             __m512i u[2];
             __mmask64 neg[2] = {0, 0};
+            /* the same columns of the next R rows: the hardware prefetcher restarts at each row group
+               (as in bf16_gemv.c); a prefetch past the end of W never faults */
+            _mm_prefetch((const char *)(row + R * j->ldw + c * (BITS == 4 ? 64 : 128)), _MM_HINT_T0);
+            if (BITS == 8) _mm_prefetch((const char *)(row + R * j->ldw + c * 128 + 64), _MM_HINT_T0);
             if (BITS == 4) {
                 __m512i w = live == ~0ull ? _mm512_loadu_si512(row + c * 64) : _mm512_maskz_loadu_epi8(live, row + c * 64);
                 u[0] = _mm512_and_si512(w, low4);
@@ -270,9 +274,17 @@ static inline __attribute__((always_inline)) void rows_kernel(const job *j, int6
             for (int m = 0; m < M; m++) {
                 const int8_t *xq = j->xq + m * j->Kp + c * 128;
                 const float *sx = j->sx + (m * nchunks + c) * 32;
+                if (BITS == 4) {
+                    /* both halves' lanes cover the same 4 blocks: one int32 sum, one scaling */
+                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], _mm512_loadu_si512(xq));
+                    dot = _mm512_dpbusd_epi32(dot, u[1], _mm512_loadu_si512(xq + 64));
+                    __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(sx), sw[0]);
+                    acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][m]);
+                    continue;
+                }
                 for (int h = 0; h < 2; h++) {
                     __m512i xv = _mm512_loadu_si512(xq + h * 64);
-                    if (BITS == 8) xv = _mm512_mask_sub_epi8(xv, neg[h], _mm512_setzero_si512(), xv);
+                    xv = _mm512_mask_sub_epi8(xv, neg[h], _mm512_setzero_si512(), xv);
                     __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[h], xv);
                     __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(sx + h * 16), sw[h]);
                     acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][m]);
@@ -333,6 +345,10 @@ static inline __attribute__((always_inline)) void rows_kernel(const job *j, int6
             for (int r = 0; r < R; r++) {
                 const uint8_t *row = j->W + (n + r) * j->ldw;
                 __m256i u, w = _mm256_setzero_si256();
+                if ((b & 3) == 0) /* the next R rows, a cache line ahead of where they will be read */
+                    _mm_prefetch((const char *)(row + R * j->ldw + b * (BITS == 4 ? 16 : 32)), _MM_HINT_T0);
+                if (BITS == 8 && (b & 1) == 0)
+                    _mm_prefetch((const char *)(row + R * j->ldw + b * 32 + 64), _MM_HINT_T0);
                 if (BITS == 4) {
                     __m128i p = _mm_loadu_si128((const __m128i *)(row + b * 16));
                     u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), low4), _mm_and_si128(p, low4));
