@@ -121,7 +121,8 @@ def describe(
                                      param_hint="--server")
         return run_describe_each(
             media, prompt=prompt, prompt_file=prompt_file, system=system, system_file=system_file,
-            load=LoadOptions(model, revision, device.value, dtype.value, offline or None),
+            load=LoadOptions(model, revision, device.value, dtype.value, offline or None,
+                             quantize=quantize and quantize.value),
             media_options=MediaOptions(fps, max_frames, not no_timestamps, max_pixels),
             settings=_settings(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
                                think, thinking_budget),

@@ -60,6 +60,13 @@ def test_quantize_environment_variable_on_describe(tmp_path):
     assert proc.stdout_text.strip() == ANSWER
 
 
+def test_describe_each_takes_quantize(tmp_path):
+    proc = run_ernie(["describe", "--each", str(IMAGE), "--model", "ernie-tiny", "--quantize", "int4", "-n", "16",
+                      "--jsonl", "-v"], tmp_path)
+    assert proc.returncode == 0, proc.stderr_text
+    assert json.loads(proc.stdout_text.splitlines()[0])["text"].strip() == ANSWER
+
+
 def test_chat_takes_quantize(tmp_path):
     proc = run_ernie(["chat", "--model", "ernie-tiny", "--quantize", "int4", "-n", "16", str(IMAGE)], tmp_path,
                      input="What is in the picture?\n")
