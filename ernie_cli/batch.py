@@ -119,8 +119,9 @@ class BatchRunner:
     """Runs the engine's model in a scheduling thread; ``submit`` prepared conversations to it.
 
     ``on_done(request)`` (optional) is called in the scheduling thread when a request ends.
-    ``min_admit``: free rows to wait for before a prefill (see ``Scheduler``); 1 admits at once
-    (lowest latency), more batches prefills (throughput).
+    ``min_admit``: requests one prefill waits for (free rows, and waiting requests until
+    ``end_of_input`` or a short hold; see ``Scheduler``); 1 admits at once (lowest latency),
+    more batches prefills (throughput).
     """
 
     def __init__(self, engine, batch_size: int, on_done: Callable[[TextRequest], None] | None = None,
@@ -154,6 +155,10 @@ class BatchRunner:
             request.handle = self.scheduler.submit(prepared.inputs, prepared.config)
             self._requests[request.handle.id] = request
         return request
+
+    def end_of_input(self) -> None:
+        """Nothing more will be submitted: admit what waits without holding it for companions."""
+        self.scheduler.end_of_input()
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Cancel everything still waiting or running, then stop the scheduling thread."""

@@ -161,7 +161,7 @@ class EachRun:
         from ernie_cli.batch import BatchRunner
 
         runner = BatchRunner(self.engine, self.batch_size, on_done=self._ended,
-                             min_admit=max(1, self.batch_size // 4))  # throughput: prefill a few at once
+                             min_admit=max(1, self.batch_size // 2))  # throughput: prefill several at once
         prefetch = threading.Thread(target=self._prefetch, args=(runner,), name="ernie-prefetch", daemon=True)
         progress = Progress(self.err, len(self.refs)) if self.show_progress else None
         ready: dict[int, Outcome] = {}
@@ -211,6 +211,12 @@ class EachRun:
 
     # --- prefetch thread ----------------------------------------------------------------------------
     def _prefetch(self, runner) -> None:
+        try:
+            self._submit_all(runner)
+        finally:
+            runner.end_of_input()
+
+    def _submit_all(self, runner) -> None:
         for index, ref in enumerate(self.refs):
             while not self.room.acquire(timeout=0.1):
                 if self.stop.is_set():

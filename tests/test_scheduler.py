@@ -209,3 +209,27 @@ def test_min_admit_waits_for_free_rows_and_changes_no_answer(ernie):
     _, done = run_all(scheduler, check)
     for handle, prompt, config in zip(handles, prompts, configs):
         assert done[handle.id].token_ids == alone(ernie, prompt, config)[0]
+
+
+def test_min_admit_holds_a_lone_request_until_companions_or_end_of_input(ernie):
+    config = GenerationConfig(max_new_tokens=2, eos_token_id=(-1,))
+    scheduler = Scheduler(ernie, max_batch=4, min_admit=3, max_hold_s=60.0)
+    first = scheduler.submit(PROMPTS["text"], config)
+    assert scheduler.step() == [] and not scheduler.wait_for_work(0.01)  # held for companions
+    scheduler.submit(PROMPTS["image"], config)
+    assert scheduler.step() == [] and scheduler.num_live == 0
+    scheduler.end_of_input()  # no more coming: the two go together
+    assert scheduler.wait_for_work(0.01)
+    events = scheduler.step()
+    assert {e.request.id for e in events if isinstance(e, RequestStep) and e.index == 0} == {first.id, first.id + 1}
+    more, _ = run_all(scheduler)
+    done = {e.request.id: e for e in events + more if isinstance(e, RequestDone)}
+    assert done[first.id].token_ids == alone(ernie, PROMPTS["text"], config)[0]
+
+
+def test_a_held_request_is_admitted_after_max_hold_s(ernie):
+    config = GenerationConfig(max_new_tokens=1, eos_token_id=(-1,))
+    scheduler = Scheduler(ernie, max_batch=4, min_admit=4, max_hold_s=0.05)
+    scheduler.submit(PROMPTS["text"], config)
+    assert scheduler.wait_for_work(5.0)  # wakes once the hold has passed
+    assert any(isinstance(e, RequestDone) for e in scheduler.step())

@@ -114,17 +114,24 @@ class Scheduler:
     """Continuous batching of requests over one KV cache of ``max_batch`` rows (see module doc).
 
     ``max_prefill_tokens`` bounds one prefill (rows x padded prompt length; one request always
-    fits). ``min_admit``: while rows are live, waiting requests are admitted only once this many
-    rows are free, so that one prefill serves several (throughput); 1 admits at once (latency). The cache is allocated at the first admission and grows when a request needs more slots.
+    fits). ``min_admit``: a prefill waits until it can take this many requests, so that one
+    prefill serves several (throughput; a prefill of one costs about twice as much per request
+    as one of eight); 1 admits at once (latency). It waits for this many free rows while
+    others decode, and for this many waiting requests, unless ``end_of_input()`` said that no
+    more are coming or the oldest has waited ``max_hold_s``. The cache is allocated at the
+    first admission and grows when a request needs more slots.
     """
 
-    def __init__(self, model, max_batch: int = 8, max_prefill_tokens: int = 16384, min_admit: int = 1):
+    def __init__(self, model, max_batch: int = 8, max_prefill_tokens: int = 16384, min_admit: int = 1,
+                 max_hold_s: float = 0.5):
         if max_batch < 1 or min_admit < 1:
             raise ValueError(f"max_batch and min_admit must be >= 1, got {max_batch}, {min_admit}")
         self.model = model
         self.max_batch = max_batch
         self.min_admit = min(min_admit, max_batch)
+        self.max_hold_s = max_hold_s
         self.max_prefill_tokens = max_prefill_tokens
+        self._more_coming = True
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.default_config = default_config(model)
@@ -166,13 +173,30 @@ class Scheduler:
         return request
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
-        """Block until a request is waiting or live (or ``timeout`` passes); True when there is work."""
+        """Block until ``step`` has something to do: a live row, or waiting requests it may admit
+        now (see ``min_admit``), or ``timeout`` passes; True when there is work."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
         with self._lock:
-            return self._lock.wait_for(lambda: self.has_work, timeout)
+            while True:
+                hold = self._hold_left()
+                if self.num_live or (self._waiting and hold <= 0):
+                    return True
+                left = None if deadline is None else deadline - time.perf_counter()
+                if left is not None and left <= 0:
+                    return False
+                waits = [t for t in (left, hold if self._waiting else None) if t is not None]
+                self._lock.wait(min(waits) if waits else None)
 
     def wake(self) -> None:
         """Wake a thread blocked in ``wait_for_work`` (after a cancel, or to make it stop)."""
         with self._lock:
+            self._lock.notify_all()
+
+    def end_of_input(self, ended: bool = True) -> None:
+        """No more requests are coming (for now): admit the last ones without waiting for
+        ``min_admit`` of them. ``ended=False`` undoes it."""
+        with self._lock:
+            self._more_coming = not ended
             self._lock.notify_all()
 
     @property
@@ -225,12 +249,26 @@ class Scheduler:
             if row is not None and row.request.cancel_reason is not None:
                 events.append(self._end(i, row.request.cancel_reason))
 
+    def _hold_left(self) -> float:
+        """Seconds the waiting requests are still held back for companions (0: admit them now).
+        Called under the lock."""
+        if self.min_admit == 1 or not self._waiting:
+            return 0.0
+        if any(r.cancel_reason is not None for r in self._waiting):
+            return 0.0  # step drops them
+        free = sum(r is None for r in self._rows)
+        if free < self.min_admit and free < self.max_batch:
+            return self.max_hold_s  # rows are live: a decode step frees rows, not time
+        if len(self._waiting) >= min(self.min_admit, free) or not self._more_coming:
+            return 0.0
+        return max(self._waiting[0].submitted_at + self.max_hold_s - time.perf_counter(), 0.0)
+
     def _admit(self, events: list) -> None:
         free = [i for i, r in enumerate(self._rows) if r is None]
-        if len(free) < self.min_admit and len(free) < self.max_batch:
-            return  # let more rows free up, so that one prefill serves several requests
         group: list[Request] = []
         with self._lock:
+            if self._hold_left() > 0:
+                return  # let more rows free up and more requests arrive: one prefill serves several
             while self._waiting and len(group) < len(free):
                 longest = max([self._waiting[0].prompt_tokens] + [r.prompt_tokens for r in group])
                 if group and longest * (len(group) + 1) > self.max_prefill_tokens:
