@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 from functools import lru_cache
+
+from model.env import env_flag
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 # Blocks up to this size come from the heap and stay there once freed; bigger ones are mapped.
@@ -31,7 +32,7 @@ TRIM_THRESHOLD = 1 << 30
 @lru_cache(maxsize=1)
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds once per process; True when they were set."""
-    if os.environ.get("ERNIE_KEEP_FREED_MEMORY", "").strip().lower() in ("0", "false", "no", "off"):
+    if not env_flag("ERNIE_KEEP_FREED_MEMORY", default=True):
         return False
     if not sys.platform.startswith("linux"):
         return False

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from model.backends.base import rotate_vision_torch
+from model.env import env_flag
 
 MAX_ROWS = 8  # rows of x the AVX2 build takes; see max_rows() for the build in use
 SOURCE = Path(__file__).parent / "csrc" / "bf16_gemv.c"
@@ -154,7 +155,7 @@ def _load() -> ctypes.CDLL:
 
 
 def _unsupported_platform() -> str:
-    if os.environ.get("ERNIE_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no", "off"):
+    if env_flag("ERNIE_NO_KERNELS"):
         return "disabled by ERNIE_NO_KERNELS"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not x86-64 ({platform.machine()})"
