@@ -11,14 +11,17 @@ import json
 import os
 import sys
 import tempfile
+import shlex
 import threading
+from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from ernie_cli.commands import system_prompt
 from ernie_cli.media import MediaResolver
-from ernie_cli.settings import GenerationSettings, LoadOptions, MediaOptions, Message, Part, history_path, settable_names
+from ernie_cli.settings import (DEFAULT_HINT, GenerationSettings, LoadOptions, MediaOptions, Message, Part,
+                                history_path, settable_names)
 from model.errors import ErnieError
 
 TRANSCRIPT_VERSION = 1
@@ -79,24 +82,40 @@ class ChatSession:
         return ([self.system] if self.system else []) + self.history
 
     def ask(self, text: str, cancel: threading.Event | None = None):
-        """Add the user turn (with pending media) and stream the answer's events."""
-        self.history.append(Message("user", [Part("text", text)] + self.pending))
-        self.pending = []
-        return self._answer(cancel)
+        """Add the user turn (with pending media) and stream the answer's events.
 
-    def _answer(self, cancel: threading.Event | None):
-        for event in self.engine.generate(self.conversation(), self.settings, cancel):
-            if type(event).__name__ == "Finished":
-                self.last = event
-                self.history.append(Message("assistant", [Part("text", event.text)], event.thinking))
-            yield event
+        A turn that fails (bad media, over the context...) is taken back whole: the message leaves the history
+        and its media are pending again, so the retry carries them.
+        """
+        pending, self.pending = self.pending, []
+        self.history.append(Message("user", [Part("text", text)] + pending))
+        return self._answer(cancel, undo=lambda: self._take_back(pending))
+
+    def _take_back(self, pending: list[Part]) -> None:
+        if self.history and self.history[-1].role == "user":
+            self.history.pop()
+        self.pending = pending + self.pending
+
+    def _answer(self, cancel: threading.Event | None, undo: Callable[[], None]):
+        try:
+            with closing(self.engine.generate(self.conversation(), self.settings, cancel)) as events:
+                for event in events:
+                    if type(event).__name__ == "Finished":
+                        self.last = event
+                        self.history.append(Message("assistant", [Part("text", event.text)], event.thinking))
+                    yield event
+        except ErnieError:
+            undo()
+            raise
 
     def regen(self, cancel: threading.Event | None = None):
-        if self.history and self.history[-1].role == "assistant":
-            self.history.pop()
+        """Answer the last user message again; if that fails, the previous answer stays."""
+        previous = self.history.pop() if self.history and self.history[-1].role == "assistant" else None
         if not self.history or self.history[-1].role != "user":
-            raise ChatError("nothing to regenerate: send a message first")
-        return self._answer(cancel)
+            if previous is not None:
+                self.history.append(previous)
+            raise ChatError("nothing to regenerate: send a message first", hint="type a message, then /regen")
+        return self._answer(cancel, undo=lambda: previous is not None and self.history.append(previous))
 
     # --- commands -------------------------------------------------------------------------------
     def run(self, cmd: Command) -> str:
@@ -111,7 +130,7 @@ class ChatSession:
 
     def _attach(self, arg: str, kind: str) -> str:
         if not arg:
-            raise ChatError(f"/{kind} needs a path or URL")
+            raise ChatError(f"/{kind} needs a path or URL", hint=f"/{kind} photo.{'jpg' if kind == 'image' else 'mp4'}")
         media = self.resolver.resolve(arg)
         if media.kind != kind:
             raise ChatError(f"{arg} is {_a(media.kind)}, not {_a(kind)}", hint=f"use /{media.kind} {arg}")
@@ -123,21 +142,32 @@ class ChatSession:
         return "system prompt set" if arg else "system prompt cleared"
 
     def cmd_set(self, arg: str) -> str:
-        if "=" not in arg:
-            raise ChatError("/set expects KEY=VALUE", hint=f"keys: {', '.join(settable_names())}")
+        """KEY=VALUE pairs, shell-quoted where a value has spaces (`/set stop="blue square"`); all or nothing."""
+        keys = f"keys: {', '.join(settable_names())}"
+        try:
+            pairs = shlex.split(arg)
+        except ValueError as e:
+            raise ChatError(f"/set could not parse {arg!r} ({e})", hint='quote values with spaces: stop="a b"') from None
+        if not pairs or any("=" not in pair for pair in pairs):
+            raise ChatError("/set expects KEY=VALUE", hint=keys)
         settings = self.settings
-        for pair in arg.split():
+        for pair in pairs:
             key, _, value = pair.partition("=")
+            key = key.strip().replace("-", "_")
             try:
-                settings = settings.with_setting(key.strip().replace("-", "_"), value.strip())
-            except ValueError as e:
-                raise ChatError(str(e)) from None
+                settings = settings.with_setting(key, value.strip())
+            except ValueError as e:  # unknown key, not a number, out of bounds: the old settings stay
+                if key not in settable_names():
+                    raise ChatError(f"{e}; settings unchanged", hint=keys) from None
+                now = getattr(self.settings, key)
+                raise ChatError(f"{e}; settings unchanged",
+                                hint=f"{key} stays {now if now not in (None, ()) else 'the checkpoint default'}") from None
         self.settings = settings
         return "settings: " + ", ".join(f"{k}={v}" for k, v in settings.describe().items())
 
     def cmd_think(self, arg: str) -> str:
         if arg.lower() not in ("on", "off"):
-            raise ChatError("/think expects on or off")
+            raise ChatError("/think expects on or off", hint="/think on")
         self.settings = replace(self.settings, think=arg.lower() == "on")
         return f"thinking {arg.lower()}"
 
@@ -147,7 +177,7 @@ class ChatSession:
 
     def cmd_undo(self, arg: str) -> str:
         if not self.history:
-            raise ChatError("nothing to undo")
+            raise ChatError("nothing to undo", hint="the conversation is empty")
         if self.history[-1].role == "assistant":
             self.history.pop()
         if self.history and self.history[-1].role == "user":
@@ -156,13 +186,13 @@ class ChatSession:
 
     def cmd_save(self, arg: str) -> str:
         if not arg:
-            raise ChatError("/save needs a file name")
+            raise ChatError("/save needs a file name", hint="/save chat.json")
         save_transcript(Path(arg).expanduser(), self)
         return f"saved {len(self.history)} messages to {arg}"
 
     def cmd_load(self, arg: str) -> str:
         if not arg:
-            raise ChatError("/load needs a file name")
+            raise ChatError("/load needs a file name", hint="/load chat.json")
         load_transcript(Path(arg).expanduser(), self)
         return f"loaded {len(self.history)} messages from {arg}"
 
@@ -182,10 +212,13 @@ def _a(kind: str) -> str:
 # --- transcripts ---------------------------------------------------------------------------------------
 
 def save_transcript(path: Path, session: ChatSession) -> None:
-    """Write atomically: a temp file in the same directory, then os.replace."""
+    """Write atomically: a temp file in the same directory, then os.replace.
+
+    Local media are stored by absolute path, so the transcript loads from any directory; URLs stay URLs.
+    """
     data = {"version": TRANSCRIPT_VERSION, "model": getattr(session.engine, "name", None),
             "settings": session.settings.describe(),
-            "messages": [m.to_json() for m in session.conversation()]}
+            "messages": [_portable(m).to_json() for m in session.conversation()]}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -198,14 +231,21 @@ def save_transcript(path: Path, session: ChatSession) -> None:
         raise
 
 
+def _portable(message: Message) -> Message:
+    """The message with each local media reference made absolute (what /save writes)."""
+    parts = [p if p.kind == "text" or "://" in p.ref else Part(p.kind, p.value, os.path.abspath(p.value))
+             for p in message.parts]
+    return Message(message.role, parts, message.thinking)
+
+
 def load_transcript(path: Path, session: ChatSession) -> None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         messages = [Message.from_json(m) for m in data["messages"]]
         settings = GenerationSettings(**{**data.get("settings", {}), "stop": tuple(data.get("settings", {}).get("stop", ()))})
     except FileNotFoundError:
-        raise ChatError(f"no such transcript: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ChatError(f"no such transcript: {path}", hint="/load a file written by /save") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ChatError(f"{path} is not an ernie transcript ({type(e).__name__}: {e})",
                         hint="load files written by /save") from None
     for m in messages:  # media references must still resolve; downloads land in a fresh temp dir
@@ -237,9 +277,26 @@ def run_chat(media_refs: list[str], *, system, system_file, load: LoadOptions, m
         new_renderer = lambda: make_renderer(quiet=quiet, verbose=verbose, hide_thinking=hide_thinking)
         if sys.stdin.isatty():
             return _interactive(session, err, new_renderer, quiet)
-        for line in sys.stdin:
-            if line.strip():
-                _handle(line.rstrip("\n"), session, err, new_renderer)
+        _piped(session, err, new_renderer)
+
+
+def _piped(session: ChatSession, err, new_renderer: Callable) -> None:
+    """Messages from a pipe: one per line, \"\"\" blocks and slash commands as in the REPL; /exit ends it."""
+    lines = (line.rstrip("\n") for line in sys.stdin)
+
+    def read(prompt: str) -> str:
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    while True:
+        try:
+            text = _read_message(read)
+        except EOFError:
+            return
+        if text.strip() and not _handle(text, session, err, new_renderer):
+            return
 
 
 def _part(media) -> Part:
@@ -263,12 +320,8 @@ def _handle(text: str, session: ChatSession, err, new_renderer: Callable) -> boo
                 err.print("(cancelled)", style="dim")
         else:
             new_renderer().render(session.ask(text[1:] if text.startswith("//") else text))
-    except ChatError as e:
-        err.print(f"error: {e}" + (f"\nhint: {e.hint}" if e.hint else ""), style="red", markup=False)
-    except ErnieError as e:  # bad media, context too long...: report, keep the session
-        err.print(f"error: {e}" + (f"\nhint: {e.hint}" if e.hint else ""), style="red", markup=False)
-        if session.history and session.history[-1].role == "user":
-            session.history.pop()
+    except ErnieError as e:  # a bad command, bad media, over the context...: report, keep the session
+        err.print(f"error: {e}\nhint: {e.hint or DEFAULT_HINT}", style="red", markup=False)
     return True
 
 
@@ -298,9 +351,12 @@ def _interactive(session: ChatSession, err, new_renderer: Callable, quiet: bool)
         _save_history(history)
 
 
-def _read_message() -> str:
-    """One message; a line starting with \"\"\" opens a block that ends at a line ending with \"\"\"."""
-    line = input(">>> ")
+def _read_message(read: Callable[[str], str] = input) -> str:
+    """One message; a line starting with \"\"\" opens a block that ends at a line ending with \"\"\".
+
+    `read(prompt)` gives the next line (EOFError at the end): input() in the REPL, the next piped line otherwise.
+    """
+    line = read(">>> ")
     if not line.lstrip().startswith('"""'):
         return line
     body = line.lstrip()[3:]
@@ -308,7 +364,7 @@ def _read_message() -> str:
         return body.rstrip()[:-3]
     lines = [body]
     while len(lines) == 1 or not lines[-1].rstrip().endswith('"""'):
-        lines.append(input("... "))
+        lines.append(read("... "))
     lines[-1] = lines[-1].rstrip()[:-3]
     return "\n".join(lines).strip("\n")
 

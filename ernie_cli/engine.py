@@ -5,7 +5,9 @@
 
 `TorchEngine` wires the embedded library: processor -> model -> stream_generate -> StreamDecoder (stop
 strings) -> ThinkSplitter. Generation runs in a worker thread so Ctrl-C in the main thread only sets
-`cancel`; the answer so far still arrives as a `Finished("interrupted", ...)`. Everything heavy is
+`cancel`; the answer so far still arrives as a `Finished("interrupted", ...)`. When the consumer stops early
+(closes the stream, or an exception such as a closed stdout ends its loop), the worker is cancelled and joined:
+a daemon thread still inside torch while the interpreter exits aborts the process (`terminate called ...`). Everything heavy is
 imported inside methods, so importing this module stays torch-free.
 """
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from ernie_cli.media import MediaInput
-from ernie_cli.settings import TINY_MODEL, GenerationSettings, LoadOptions, MediaOptions, Message
+from ernie_cli.settings import GENERATION_THREAD, TINY_MODEL, GenerationSettings, LoadOptions, MediaOptions, Message
 from model.errors import ErnieError, ModelNotFoundError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -102,11 +104,19 @@ class TorchEngine:
                  cancel: threading.Event | None = None) -> Iterator[Any]:
         cancel = cancel or threading.Event()
         events: queue.Queue = queue.Queue()
-        worker = threading.Thread(target=self._worker, args=(conversation, settings, cancel, events), daemon=True)
-        with ctrl_c_cancels(cancel):
-            worker.start()
-            yield from _drain(events, cancel)
-            worker.join()
+        worker = threading.Thread(target=self._worker, args=(conversation, settings, cancel, events), daemon=True,
+                                  name=GENERATION_THREAD)
+        finished = False
+        try:
+            with ctrl_c_cancels(cancel):
+                worker.start()
+                yield from _drain(events, cancel)
+            finished = True
+        finally:  # also when the consumer stops early (stdout closed, an error, Ctrl-C twice, close())
+            if not finished:
+                cancel.set()  # the worker stops after its current step
+            if worker.is_alive():
+                worker.join()  # no thread left inside torch when the interpreter exits
 
     def _worker(self, conversation, settings, cancel, events: queue.Queue) -> None:
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 from ernie_cli.modelinfo import DTYPE_BYTES, human_bytes, kv_cache_bytes, quantization_of, quantized_weight_bytes, weight_bytes
 from ernie_cli.settings import LoadOptions
 from model.config import ErnieVLConfig
+from model.env import env_flag
 from model.errors import ErnieError
 
 HEADROOM = 1.10  # activations, allocator slack, the processor
@@ -26,15 +27,12 @@ def checkpoint_dtype(config_path: Path) -> str:
 
 
 def chosen_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
+    """The device a load will use; an ErnieError with a hint when the one asked for is not there (no CUDA...)."""
+    if device == "cpu":
+        return device  # no torch import: a hopeless CPU load fails in a second
+    from model.loading import resolve_device
 
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return str(resolve_device(device))
 
 
 def free_bytes(device: str) -> int | None:
@@ -44,7 +42,10 @@ def free_bytes(device: str) -> int | None:
     if device.startswith("cuda"):
         import torch
 
-        return int(torch.cuda.mem_get_info()[0])
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except RuntimeError:  # a driver that cannot say: let the load find out
+            return None
     if device == "cpu":
         try:
             for line in Path("/proc/meminfo").read_text().splitlines():
@@ -72,7 +73,7 @@ def quantize_bits(name: str | None) -> int | None:
 def check_memory(root: Path, options: LoadOptions) -> None:
     """Compare the need (from root/config.json) with the free memory of the chosen device."""
     config_path = root / "config.json"
-    if not config_path.is_file() or os.environ.get("ERNIE_SKIP_MEMORY_CHECK"):
+    if not config_path.is_file() or env_flag("ERNIE_SKIP_MEMORY_CHECK"):
         return
     cfg = ErnieVLConfig.from_file(config_path)
     dtype = options.dtype if options.dtype != "auto" else checkpoint_dtype(config_path)

@@ -75,7 +75,9 @@ def _not_reachable(repo: str, where: str, offline: str | None, pulling: bool) ->
 
 
 def out_console() -> Console:
-    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    from ernie_cli.render import console
+
+    return console(sys.stdout, soft_wrap=True)
 
 
 # --- pull --------------------------------------------------------------------------------------------
@@ -187,16 +189,17 @@ def run_models(as_json: bool) -> None:
 # --- rm ----------------------------------------------------------------------------------------------
 
 def run_rm(repo: str, yes: bool) -> None:
+    """Delete after a yes: from --yes, or typed at the question (read from stdin, terminal or not)."""
     if repo == TINY_MODEL:
-        raise ErnieError(f"{TINY_MODEL} is bundled with ernie and cannot be removed")
+        raise ErnieError(f"{TINY_MODEL} is bundled with ernie and cannot be removed",
+                         hint="`ernie models` lists what is in the Hub cache")
     row = next((r for r in cached_models() if r["name"] == repo and r["source"] == "hub-cache"), None)
     if row is None:
         raise ModelNotFoundError(f"{repo} is not in the Hub cache", hint="`ernie models` lists what is cached")
-    if not yes and sys.stdin.isatty():
-        import typer
-
-        if not typer.confirm(f"Delete {repo} ({human_bytes(row['size_bytes'])})?", err=True):
-            raise typer.Exit(1)
+    size = human_bytes(row["size_bytes"])
+    if not yes and not _confirm(f"Delete {repo} ({size})? [y/N] "):
+        print(f"nothing was removed: {repo} stays in the cache", file=sys.stderr)
+        raise SystemExit(1)
     from huggingface_hub import scan_cache_dir
 
     strategy = scan_cache_dir().delete_revisions(*(r["commit"] for r in row["revisions"]))
@@ -204,7 +207,20 @@ def run_rm(repo: str, yes: bool) -> None:
     import shutil
 
     shutil.rmtree(row["path"], ignore_errors=True)
-    print(f"removed {repo} ({human_bytes(row['size_bytes'])})", file=sys.stderr)
+    print(f"removed {repo} ({size})", file=sys.stderr)
+
+
+def _confirm(question: str) -> bool:
+    """y or yes (any case) read from stdin; anything else is a no. No answer at all (EOF) is an error."""
+    print(question, end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline() if sys.stdin is not None else ""
+    if not answer:
+        print(file=sys.stderr)
+        raise ErnieError("no answer to the question on stdin, so nothing was removed",
+                         hint="answer y, or pass --yes (-y) to remove without asking")
+    if not sys.stdin.isatty():
+        print(answer.strip(), file=sys.stderr)  # show the piped answer where the question is
+    return answer.strip().lower() in ("y", "yes")
 
 
 # --- info --------------------------------------------------------------------------------------------
@@ -213,7 +229,8 @@ def config_path(model: str, revision: str | None, offline: bool | None) -> Path:
     ref = resolve_model_ref(model)
     if isinstance(ref, Path):
         if not (ref / "config.json").exists():
-            raise ModelNotFoundError(f"{ref} has no config.json; expected a checkpoint directory")
+            raise ModelNotFoundError(f"{ref} has no config.json; expected a checkpoint directory",
+                                     hint="pass the directory that holds config.json, a Hub repo id, or ernie-tiny")
         return ref / "config.json"
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError

@@ -2,8 +2,7 @@
 
 stdout carries only the answer (or the JSON). Spinners, thinking, stats and warnings go to stderr.
 When stdout is not a terminal, the answer is written as plain text as it streams: no colour, no
-cursor codes, no live widgets. Rich decides colour on stderr from the terminal, NO_COLOR and
-FORCE_COLOR.
+cursor codes, no live widgets. Colour follows the terminal, NO_COLOR and FORCE_COLOR (see console()).
 """
 
 from __future__ import annotations
@@ -18,8 +17,20 @@ from ernie_cli.engine import Status
 from processing.events import Finished, TextDelta, ThinkingDelta
 
 
+def console(file: TextIO, **kw) -> Console:
+    """A Rich console on `file` with colour decided by NO_COLOR and FORCE_COLOR read as booleans (model.env):
+    FORCE_COLOR=1 forces colour (and terminal manners), FORCE_COLOR=0 turns it off like NO_COLOR=1; 0, false, no,
+    off or empty mean "not set" for NO_COLOR. Rich alone would force colour for any non-empty FORCE_COLOR."""
+    from model.env import env_flag_or_none
+
+    force, no_color = env_flag_or_none("FORCE_COLOR"), env_flag_or_none("NO_COLOR")
+    is_tty = file.isatty() if hasattr(file, "isatty") else False
+    return Console(file=file, highlight=False, force_terminal=True if force else is_tty,
+                   no_color=bool(no_color) or force is False, **kw)
+
+
 def stderr_console() -> Console:
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+    return console(sys.stderr, soft_wrap=True)
 
 
 def stdout_is_terminal(stream: TextIO | None = None) -> bool:
@@ -108,6 +119,8 @@ class Renderer:
                 done = event if isinstance(event, Finished) else done
         finally:
             self.close()
+            if hasattr(events, "close"):
+                events.close()  # a stream left early (stdout closed) stops its generation thread now
         return done
 
     def close(self) -> None:
@@ -165,7 +178,7 @@ class MarkdownRenderer(PlainRenderer):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.console = Console(file=self.out, highlight=False)
+        self.console = console(self.out)
         self._live = None
         self._text = ""
 

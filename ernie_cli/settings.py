@@ -5,16 +5,65 @@ Torch-free and Typer-free: the engine, the renderer and the REPL all speak these
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from model.env import env_flag
 
 TINY_MODEL = "ernie-tiny"
 DEFAULT_MODEL = "baidu/ERNIE-4.5-VL-28B-A3B-PT"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZATIONS = ("int8", "int4")
+DEFAULT_HINT = "ERNIE_DEBUG=1 shows where it failed"  # for the rare error that brings no hint of its own
+GENERATION_THREAD = "ernie-generate"  # the engine's worker; app.main() checks for a live one before exiting
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric setting accepts: low <= value (or low < value when low_open), value <= high."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+
+    def rule(self) -> str:
+        if self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        return f"greater than {self.low:g}" if self.low_open else f"at least {self.low:g}"
+
+    def accepts(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+
+# One set of bounds for flags, ERNIE_* variables, chat's /set and /load, checked before anything loads.
+BOUNDS = {
+    "max_new_tokens": Bound(1), "temperature": Bound(0), "top_p": Bound(0, 1, low_open=True), "top_k": Bound(0),
+    "min_p": Bound(0, 1), "repetition_penalty": Bound(0, low_open=True), "thinking_budget": Bound(1),
+    "fps": Bound(0, low_open=True), "max_frames": Bound(2), "max_pixels": Bound(28 * 28),
+}
+
+
+def range_problem(name: str, value: float | None) -> str | None:
+    """What is wrong with `name=value` under BOUNDS ("top_p must be in (0, 1], got 5"), or None when it is fine."""
+    bound = BOUNDS.get(name)
+    if value is None or bound is None or bound.accepts(value):
+        return None
+    return f"{name} must be {bound.rule()}, got {value:g}"
+
+
+def check_ranges(obj: Any) -> None:
+    """ValueError naming the first field of a settings dataclass that is out of its bounds."""
+    for f in fields(obj):
+        problem = range_problem(f.name, getattr(obj, f.name))
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass(frozen=True)
@@ -40,6 +89,9 @@ class MediaOptions:
     timestamps: bool = True
     max_pixels: int | None = None
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 # Fields of GenerationSettings that map 1:1 onto the checkpoint's generation config.
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
@@ -59,6 +111,10 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()
     think: bool | None = None  # None: the checkpoint's habit (Thinking variants think)
     thinking_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
 
     def overrides(self) -> dict[str, Any]:
         """The sampling fields the user set, ready for GenerationConfig.replace()."""
@@ -170,4 +226,4 @@ def history_path() -> Path:
 
 
 def debug_enabled() -> bool:
-    return os.environ.get("ERNIE_DEBUG", "") not in ("", "0", "false", "no")
+    return env_flag("ERNIE_DEBUG")

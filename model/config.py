@@ -24,6 +24,8 @@ from model.errors import CheckpointError
 class ConfigError(CheckpointError):
     """A checkpoint configuration that cannot describe an ERNIE 4.5 VL model."""
 
+    hint = "point at an ERNIE 4.5 VL checkpoint directory (config.json and *.safetensors), or download it again"
+
 
 # Baidu's original config.json, and transformers' conversion of it.
 MODEL_TYPES = frozenset({"ernie4_5_moe_vl", "ernie4_5_vl_moe"})
@@ -132,9 +134,10 @@ class ErnieVLConfig:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"no config.json at {path}") from None
+            raise ConfigError(f"no config.json at {path}", hint="pass the checkpoint directory that holds config.json "
+                              "and the *.safetensors shards, a Hub repo id, or ernie-tiny") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path} is not valid JSON ({e})") from None
+            raise ConfigError(f"{path} is not valid JSON ({e})", hint="fix the file, or download the model again") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} holds a JSON {type(raw).__name__}, expected an object")
         return cls.from_dict(raw)

@@ -70,7 +70,7 @@ def test_repl_commands_interrupt_save_load(world):
     saved = json.loads((world / "t.json").read_text())
     roles = [m["role"] for m in saved["messages"]]
     assert roles == ["user", "assistant"] * 3
-    assert saved["messages"][0]["content"][1] == {"type": "image", "image": "cat.png"}
+    assert saved["messages"][0]["content"][1] == {"type": "image", "image": str(world / "cat.png")}  # absolute
     assert saved["messages"][2]["content"][0]["text"] == "line one\nline two"
     assert saved["messages"][5]["content"][0]["text"] != ""  # the partial answer
     assert saved["settings"]["max_new_tokens"] == LONG_ANSWER

@@ -9,7 +9,7 @@ import pytest
 
 from ernie_cli.chat import ChatError, ChatSession, Command, parse_command
 from ernie_cli.settings import GenerationSettings, Message, Part
-from model.errors import MediaError
+from model.errors import ErnieError, MediaError
 from processing.events import Finished, TextDelta
 from tests.helpers.media import encode, make_image, make_video
 
@@ -101,6 +101,56 @@ def test_set_rejects_bad_values(session, arg, needle):
     with pytest.raises(ChatError, match=needle):
         session.run(Command("set", arg))
     assert session.settings == GenerationSettings()
+
+
+@pytest.mark.parametrize("arg", ["top_p=5", "temperature=-1", "max_new_tokens=0", "thinking_budget=0",
+                                 "top_k=3 repetition_penalty=0"])
+def test_set_refuses_values_out_of_bounds_and_keeps_every_setting(session, arg):
+    session.run(Command("set", "top_k=7"))
+    with pytest.raises(ChatError, match="must be") as caught:
+        session.run(Command("set", arg))
+    assert "settings unchanged" in str(caught.value) and caught.value.hint
+    assert session.settings == GenerationSettings(top_k=7)
+
+
+def test_set_takes_quoted_values_with_spaces(session):
+    session.run(Command("set", 'stop="blue square" temperature=0'))
+    assert session.settings.stop == ("blue square",) and session.settings.temperature == 0
+
+
+class FailingEngine(ScriptedEngine):
+    """Fails (as over the context) until told not to."""
+
+    fail = True
+
+    def generate(self, conversation, settings, cancel=None):
+        if self.fail:
+            from model.errors import ContextLengthError
+
+            raise ContextLengthError("over the context")
+        yield from super().generate(conversation, settings, cancel)
+
+
+def test_a_failed_turn_is_taken_back_with_its_media_pending(media):
+    session = ChatSession(FailingEngine(), GenerationSettings())
+    session.run(Command("image", str(media / "cat.png")))
+    with pytest.raises(ErnieError):
+        _drain(session.ask("first"))
+    assert session.history == [] and [p.kind for p in session.pending] == ["image"]
+    session.engine.fail = False
+    _drain(session.ask("again"))
+    assert [p["type"] for p in session.engine.calls[-1][0][0]["content"]] == ["text", "image"]
+    assert session.pending == []
+
+
+def test_a_failed_regen_keeps_the_previous_answer():
+    session = ChatSession(FailingEngine(), GenerationSettings())
+    session.engine.fail = False
+    _drain(session.ask("question"))
+    session.engine.fail = True
+    with pytest.raises(ErnieError):
+        _drain(session.regen())
+    assert [m.text for m in session.history] == ["question", "answer 1"]
 
 
 def test_system_undo_clear(session):

@@ -35,7 +35,7 @@ def resolve(path_or_repo_id: str | os.PathLike = DEFAULT_REPO, revision: str | N
     if _looks_like_path(name):
         raise ModelNotFoundError(f"no checkpoint directory at {path}",
                                  hint="check the path, or pass a Hub repo id such as " + DEFAULT_REPO)
-    return _snapshot(name, revision or KNOWN_REVISIONS.get(name), _is_offline(offline))
+    return _snapshot(name, revision or KNOWN_REVISIONS.get(name), offline)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -48,6 +48,21 @@ def _is_offline(offline: bool | None) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def offline_advice(offline: bool | None, then: str) -> tuple[str, str]:
+    """(why the Hub was not asked or did not answer, what to do) for a model missing from the cache.
+
+    offline: True when --offline was given, else None. `then` is the step that fixes it once online
+    ("run `ernie pull REPO`"). Unsetting HF_HUB_OFFLINE is suggested only when it is set.
+    """
+    if offline:
+        return "--offline was given", f"drop --offline, or {then} first"
+    if offline is None and _is_offline(None):
+        return "HF_HUB_OFFLINE is set", f"unset HF_HUB_OFFLINE and {then}"
+    from huggingface_hub import constants
+
+    return f"the Hub ({constants.ENDPOINT}) is unreachable", f"check the network (and HF_ENDPOINT, if set) and {then}"
+
+
 def _cache_dir() -> str | None:
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
@@ -56,13 +71,14 @@ def _cache_dir() -> str | None:
     return None  # huggingface_hub's default
 
 
-def _snapshot(repo_id: str, revision: str | None, offline: bool) -> Path:
+def _snapshot(repo_id: str, revision: str | None, offline_flag: bool | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
 
     where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
     local_hint = ("download it elsewhere (`hf download " + repo_id +
                   (f" --revision {revision}" if revision else "") + " --local-dir DIR`) and pass DIR")
+    offline = _is_offline(offline_flag)
     try:
         root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
                                       local_files_only=offline, cache_dir=_cache_dir()))
@@ -77,11 +93,9 @@ def _snapshot(repo_id: str, revision: str | None, offline: bool) -> Path:
         raise ModelNotFoundError(f"{repo_id} has no revision {revision!r}",
                                  hint="use an existing branch, tag, commit or refs/pr/N") from None
     except hub_errors.LocalEntryNotFoundError:
-        from huggingface_hub import constants
-
-        state = "offline (HF_HUB_OFFLINE)" if offline else f"the Hub ({constants.ENDPOINT}) is unreachable"
+        state, hint = offline_advice(offline_flag, f"run `ernie pull {repo_id}`")
         raise ModelNotFoundError(f"{where} is not in the Hub cache ({_cache_dir() or 'default cache'}) and {state}",
-                                 hint="go online once to download it, or " + local_hint) from None
+                                 hint=f"{hint}; or {local_hint}") from None
     except (hub_errors.HfHubHTTPError, OSError) as e:
         raise ModelNotFoundError(f"could not fetch {where} from the Hub ({type(e).__name__}: {e})",
                                  hint="check the network, or " + local_hint) from None

@@ -40,7 +40,8 @@ def run_ernie(args: list[str], tmp_path: Path, *, input: bytes | str | None = No
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 1) -> str:
-    """Exit `code`, `error: ...` naming every needle, at most a hint line after it, no traceback, empty stdout."""
+    """Exit `code`, `error: ...` naming every needle, then one `hint: ...` line (README's promise for a runtime
+    error, exit 1), no traceback, empty stdout."""
     err = proc.stderr_text
     assert proc.returncode == code, f"exit {proc.returncode}, stderr:\n{err}"
     assert TRACEBACK not in err, err
@@ -48,6 +49,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1, err
     assert all(line.startswith(("error: ", "hint: ")) for line in lines), err
+    if code == 1:
+        assert [line.split(":")[0] for line in lines] == ["error", "hint"], err
     for needle in needles:
         assert needle.lower() in errors[0].lower(), f"{needle!r} not in {errors[0]!r}"
     assert proc.stdout == b"", proc.stdout
