@@ -30,7 +30,7 @@ def chosen_device(device: str) -> str:
     """The device a load will use; an ErnieError with a hint when the one asked for is not there (no CUDA...)."""
     if device == "cpu":
         return device  # no torch import: a hopeless CPU load fails in a second
-    from model.loading import resolve_device
+    from model.checkpoint.loading import resolve_device
 
     return str(resolve_device(device))
 
