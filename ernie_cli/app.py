@@ -66,7 +66,8 @@ Offline = Annotated[bool, _opt("--offline", env="OFFLINE", panel=LOAD, help="Nev
 ServerUrl = Annotated[Optional[str], _opt("--server", env="SERVER", panel=LOAD,
                                           help="Answer on this OpenAI-compatible server (ernie serve, vLLM...).")]
 ApiKey = Annotated[Optional[str], _opt("--api-key", env="API_KEY", panel=LOAD, help="Bearer key for the server.")]
-MaxNew = Annotated[Optional[int], _num("--max-new-tokens", "-n", env="MAX_NEW_TOKENS", help="Answer length limit (>= 1).")]
+MaxNew = Annotated[Optional[int], _num("--max-new-tokens", "-n", env="MAX_NEW_TOKENS",
+                                       help="Answer length limit (>= 1).")]
 Temp = Annotated[Optional[float], _num("--temperature", "-t", env="TEMPERATURE", help="0 = greedy (>= 0).")]
 TopP = Annotated[Optional[float], _num("--top-p", env="TOP_P", help="Nucleus sampling mass, in (0, 1].")]
 TopK = Annotated[Optional[int], _num("--top-k", env="TOP_K", help="Sample among the k likeliest (0 = all).")]
@@ -84,7 +85,8 @@ Think = Annotated[Optional[bool], _opt("--think/--no-think", env="THINK", help="
 Budget = Annotated[Optional[int], _num("--thinking-budget", env="THINKING_BUDGET", help="Max reasoning tokens (>= 1).")]
 HideThink = Annotated[bool, _opt("--hide-thinking", env="HIDE_THINKING", panel=OUT, help="Do not show reasoning.")]
 Fps = Annotated[Optional[float], _num("--fps", env="FPS", panel=MEDIA, help="Video frames sampled per second (> 0).")]
-MaxFrames = Annotated[Optional[int], _num("--max-frames", env="MAX_FRAMES", panel=MEDIA, help="Most video frames (>= 2).")]
+MaxFrames = Annotated[Optional[int], _num("--max-frames", env="MAX_FRAMES", panel=MEDIA,
+                                          help="Most video frames (>= 2).")]
 NoStamps = Annotated[bool, _opt("--no-timestamps", env="NO_TIMESTAMPS", panel=MEDIA, help="Do not stamp times on frames.")]
 MaxPixels = Annotated[Optional[int], _num("--max-pixels", env="MAX_PIXELS", panel=MEDIA,
                                           help="Resize budget per image/frame (>= 784, one 28x28 window).")]

@@ -147,7 +147,8 @@ class ChatSession:
         try:
             pairs = shlex.split(arg)
         except ValueError as e:
-            raise ChatError(f"/set could not parse {arg!r} ({e})", hint='quote values with spaces: stop="a b"') from None
+            raise ChatError(f"/set could not parse {arg!r} ({e})",
+                            hint='quote values with spaces: stop="a b"') from None
         if not pairs or any("=" not in pair for pair in pairs):
             raise ChatError("/set expects KEY=VALUE", hint=keys)
         settings = self.settings
@@ -160,8 +161,8 @@ class ChatSession:
                 if key not in settable_names():
                     raise ChatError(f"{e}; settings unchanged", hint=keys) from None
                 now = getattr(self.settings, key)
-                raise ChatError(f"{e}; settings unchanged",
-                                hint=f"{key} stays {now if now not in (None, ()) else 'the checkpoint default'}") from None
+                now = "the checkpoint default" if now in (None, ()) else now
+                raise ChatError(f"{e}; settings unchanged", hint=f"{key} stays {now}") from None
         self.settings = settings
         return "settings: " + ", ".join(f"{k}={v}" for k, v in settings.describe().items())
 

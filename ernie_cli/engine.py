@@ -5,10 +5,11 @@
 
 `TorchEngine` wires the embedded library: processor -> model -> stream_generate -> StreamDecoder (stop
 strings) -> ThinkSplitter. Generation runs in a worker thread so Ctrl-C in the main thread only sets
-`cancel`; the answer so far still arrives as a `Finished("interrupted", ...)`. When the consumer stops early
-(closes the stream, or an exception such as a closed stdout ends its loop), the worker is cancelled and joined:
-a daemon thread still inside torch while the interpreter exits aborts the process (`terminate called ...`). Everything heavy is
-imported inside methods, so importing this module stays torch-free.
+`cancel`; the answer so far still arrives as a `Finished("interrupted", ...)`. When the consumer stops
+early (closes the stream, or an exception such as a closed stdout ends its loop), the worker is
+cancelled and joined: a daemon thread still inside torch while the interpreter exits aborts the
+process (`terminate called ...`). Everything heavy is imported inside methods, so importing this
+module stays torch-free.
 """
 
 from __future__ import annotations

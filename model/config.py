@@ -137,7 +137,8 @@ class ErnieVLConfig:
             raise ConfigError(f"no config.json at {path}", hint="pass the checkpoint directory that holds config.json "
                               "and the *.safetensors shards, a Hub repo id, or ernie-tiny") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path} is not valid JSON ({e})", hint="fix the file, or download the model again") from None
+            raise ConfigError(f"{path} is not valid JSON ({e})",
+                              hint="fix the file, or download the model again") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} holds a JSON {type(raw).__name__}, expected an object")
         return cls.from_dict(raw)

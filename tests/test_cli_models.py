@@ -99,7 +99,8 @@ def test_models_info_rm_on_the_hub_cache(tmp_path):
     assert gone.returncode == 0, gone.stderr_text
     assert "removed someone/tiny-vl" in gone.stderr_text and gone.stdout == b""
     assert "someone/tiny-vl" not in run_ernie(["models"], tmp_path).stdout_text
-    assert_one_line_error(run_ernie(["rm", "someone/tiny-vl", "-y"], tmp_path), "someone/tiny-vl", "not in the hub cache")
+    assert_one_line_error(run_ernie(["rm", "someone/tiny-vl", "-y"], tmp_path), "someone/tiny-vl",
+                          "not in the hub cache")
 
 
 def test_offline_without_cache(tmp_path):

@@ -26,7 +26,7 @@ LAYERS = [
     ("model.backends",),  # picking a backend for a device
     ("model.backends.cpu", "model.backends.cuda"),  # one folder per device kind
     ("model.backends.base", "model.backends.qformat"),  # the interface and its plain torch implementation
-    ("model.config", "model.errors"),
+    ("model.config", "model.errors", "model.env"),
 ]
 
 
