@@ -257,9 +257,6 @@ def chat(
 
 
 @_command()
-
-
-@_command()
 def serve(
     model: Model = DEFAULT_MODEL, revision: Revision = None, device: Device = DeviceName.auto,
     dtype: Dtype = DtypeName.auto, offline: Offline = False,
