@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ernie_cli.commands import read_text_file, system_prompt
+from ernie_cli.commands import read_text_file, stdin_prompt, system_prompt
 from ernie_cli.media import MediaResolver
 from ernie_cli.settings import GenerationSettings, LoadOptions, MediaOptions, default_prompt, user_message
 from model.errors import ErnieError
@@ -92,9 +92,7 @@ def fixed_prompt(prompt: str | None, prompt_file: Path | None, stdin_free: bool)
         return prompt
     if prompt_file is not None:
         return read_text_file(prompt_file, "prompt").strip()
-    if stdin_free and not sys.stdin.isatty():
-        return sys.stdin.read().strip() or None
-    return None
+    return stdin_prompt() if stdin_free else None  # the rule of describe: pipes and whole files only
 
 
 # --- the command ---------------------------------------------------------------------------------------
