@@ -43,9 +43,9 @@ from typing import Any, Mapping
 
 import torch
 
-from model.errors import ContextLengthError, ErnieError
-from model.generation.generate import (GenerationConfig, _peak_memory, _ThinkingBudget, default_config,
-                                       prompt_positions)
+from model.errors import ErnieError
+from model.generation.generate import (GenerationConfig, _check_context, _peak_memory, _ThinkingBudget,
+                                       default_config, prompt_positions)
 from model.generation.kv_cache import StaticKVCache
 from model.generation.sampling import is_greedy, make_generator, mark_seen, sample_next, seen_mask
 from model.generation.stats import GenerationStats
@@ -158,14 +158,8 @@ class Scheduler:
             for k in _PADDED[:1] + _PADDED[2:]:
                 if k in tensors:
                     tensors[k] = tensors[k][:, keep]
+        _check_context(self.model, tensors["input_ids"], config)
         P = tensors["input_ids"].shape[1]
-        limit = self.model.config.text.max_position_embeddings
-        if P + config.max_new_tokens > limit:
-            raise ContextLengthError(
-                f"the prompt has {P} tokens and {config.max_new_tokens} new tokens were requested: "
-                f"{P + config.max_new_tokens} in all, over the model's context of {limit}",
-                hint=f"lower max_new_tokens to at most {max(limit - P, 0)}, or shorten the prompt "
-                     "(fewer or smaller images, fewer video frames)")
         request = Request(next(self._ids), tensors, config, P)
         with self._lock:
             self._waiting.append(request)
