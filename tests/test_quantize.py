@@ -128,6 +128,62 @@ def test_gemv_matches_the_torch_reference(build, bits, N, K, G, rows):
 
 
 @pytest.mark.parametrize("build", ALL_BUILDS)
+@pytest.mark.parametrize("bits, H, I, groups", [(8, 256, 96, (128, 32)), (4, 256, 96, (64, 32)), (4, 160, 128, (32, 128)),
+                                               (8, 2560, 1536, (128, 128)), (4, 2560, 1536, (64, 64))])
+def test_one_token_through_a_quantized_bank_matches_the_torch_reference(build, bits, H, I, groups):
+    """q_moe1 (decode at batch 1): the chosen experts' SwiGLU products and their weighted sum in
+    one call equal the per-expert reference products within the kernels' rounding."""
+    from model.quantize import QuantExpertBank
+
+    lib = _build(build)
+    gen = torch.Generator().manual_seed(H + I + bits)
+    E = 5
+    bank = QuantExpertBank(E, H, I, bits, groups, device="cpu")
+    for e in range(E):
+        bank.set_expert(e, QuantizedWeight.quantize(0.05 * torch.randn(2 * I, H, generator=gen), bits, groups[0]),
+                        QuantizedWeight.quantize(0.05 * torch.randn(H, I, generator=gen), bits, groups[1]))
+    x = torch.randn(1, H, generator=gen).bfloat16()
+    experts, weights = torch.tensor([[3, 0, 4]]), torch.tensor([[0.5, 0.3, 0.2]]).bfloat16()
+    out = qkernels._moe1(lib, bank, x, experts, weights, 2).float()
+    ref, exact = torch.zeros(1, H), torch.zeros(1, H)
+    for e, w in zip(experts[0].tolist(), weights[0].float().tolist()):
+        gate, up = reference_product(x, bank.weight("gate_up", e)).chunk(2, dim=-1)
+        ref += w * reference_product(F.silu(gate) * up, bank.weight("down", e))
+        gate, up = F.linear(x.float(), bank.weight("gate_up", e).dequantize()).chunk(2, dim=-1)
+        exact += w * F.linear(F.silu(gate) * up, bank.weight("down", e).dequantize())
+    # the activations between the two products are rounded to int8 blocks from sums in another
+    # order than the reference's, so a few land on the other side of a rounding step
+    assert float((out - ref).norm() / ref.norm()) < 0.01
+    assert float((out - exact).norm() / exact.norm()) < 0.03
+
+
+def test_the_cpu_backend_sends_one_decode_token_through_q_moe1(monkeypatch):
+    """A quantized model's decode step takes the one-call route, and its logits stay those of the
+    per-expert route within the kernels' rounding."""
+    if not qkernels.available():
+        pytest.skip(f"no quantized CPU kernels here: {qkernels.unavailable_reason}")
+    from model.backends.cpu.backend import CpuBackend
+    from model.quantize import QuantExpertBank
+
+    torch.manual_seed(0)
+    bank = QuantExpertBank(4, 128, 64, 4, (64, 64), device="cpu")
+    for e in range(4):
+        bank.set_expert(e, QuantizedWeight.quantize(0.05 * torch.randn(128, 128), 4, 64),
+                        QuantizedWeight.quantize(0.05 * torch.randn(128, 64), 4, 64))
+    experts_module = type("Bank", (), {"bank": bank, "gate_up": lambda self, x, e: bank.gate_up(x, e),
+                                       "down": lambda self, h, e: bank.down(h, e)})()
+    x = torch.randn(1, 128).bfloat16()
+    ids, w = torch.tensor([[2, 1]]), torch.tensor([[0.6, 0.4]]).bfloat16()
+    calls = []
+    monkeypatch.setattr(qkernels, "moe_decode", lambda *a: calls.append(1) or qkernels._moe1(qkernels._library(), *a, 2))
+    fused = CpuBackend().experts(experts_module, x, ids, w)
+    assert calls == [1]
+    plain = CpuBackend().experts(experts_module, torch.cat([x, x]), torch.cat([ids, ids]), torch.cat([w, w]))[:1]
+    assert calls == [1]  # two tokens: the per-expert route
+    assert torch.allclose(fused.float(), plain.float(), rtol=0.02, atol=0.02 * float(plain.abs().max()))
+
+
+@pytest.mark.parametrize("build", ALL_BUILDS)
 def test_gemv_takes_fp32_activations_and_returns_fp32(build):
     lib = _build(build)
     qw = QuantizedWeight.quantize(_gaussian(40, 128, seed=3), 4, 64)

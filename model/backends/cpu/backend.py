@@ -43,6 +43,12 @@ class CpuBackend(Backend):
             return kernels.rope_half(x, cos, sin)  # one pass instead of six, the same numbers
         return super().rotate_vision(x, cos, sin)
 
+    def experts(self, bank, x, experts, weights):
+        inner = getattr(bank, "bank", None)
+        if getattr(inner, "quantized", False) and qkernels.moe_applies(inner, x, experts):
+            return qkernels.moe_decode(inner, x, experts, weights)  # decode: the whole layer's routed experts in one call
+        return super().experts(bank, x, experts, weights)
+
     def quant_linear(self, x, qw, bias=None):
         if qkernels.applies(x, qw):  # decode: the int8 / int4 GEMV
             return qkernels.gemv(x, qw, bias)

@@ -8,6 +8,8 @@ compiler, not x86-64 AVX2, ``ERNIE_NO_KERNELS=1``, a wrong self-check) ``availab
 and ``unavailable_reason`` says why: the products then dequantize in torch.
 
 - ``gemv(x, qw, bias)``: x (..., K) with 1..MAX_ROWS rows, bf16 or fp32 -> (..., N) in x's dtype;
+- ``moe_decode(bank, x, experts, weights)``: one token through its K chosen experts of a quantized
+  bank (gate/up, SwiGLU, down, the weighted sum) in one call and one parallel region;
 - ``dequantize(qw)``: the (N, K) fp32 weight, for products of many rows (prefill).
 """
 
@@ -48,7 +50,9 @@ def load_build(name: str) -> ctypes.CDLL:
     lib.q_gemv.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _int, _ptr, _ptr, _int, _int]
     lib.q_dequant.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _int]
     lib.q_quantize.argtypes = [_ptr, _int, _i64, _i64, _i64, _i64, _int, _ptr, _ptr, _ptr, _int]
-    lib.q_gemv.restype = lib.q_dequant.restype = lib.q_quantize.restype = ctypes.c_int
+    lib.q_moe1.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64,
+                           _ptr, _i64, _ptr, _ptr, _i64, _i64, _int, _ptr, _int]
+    lib.q_gemv.restype = lib.q_dequant.restype = lib.q_quantize.restype = lib.q_moe1.restype = ctypes.c_int
     lib.build_name = name
     return lib
 
@@ -180,6 +184,49 @@ def gemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch.Tensor:
                          f"{qw.shape} (or the library is unavailable: {unavailable_reason})")
     x = x if x.is_contiguous() else x.contiguous()
     return _gemv(_library(), x, qw, bias, torch.get_num_threads())
+
+
+MOE_MAX_K = 16  # experts per token q_moe1 takes
+
+
+def moe_applies(bank, x: torch.Tensor, experts: torch.Tensor) -> bool:
+    """Whether ``moe_decode`` takes these: one CPU bf16 token, a quantized bank of contiguous CPU
+    buffers in group sizes the C code takes, at most MOE_MAX_K experts, and the library loaded."""
+    if not (x.dim() == 2 and x.shape[0] == 1 and x.is_cpu and x.dtype == torch.bfloat16
+            and 0 < experts.numel() <= MOE_MAX_K and available()):
+        return False
+    parts = [getattr(bank, f"{name}_{part}") for name in ("gate_up", "down") for part in ("qweight", "scales", "zeros")]
+    return all(t is None or (t.is_cpu and t.is_contiguous()) for t in parts) and \
+        bank.gate_up_qweight.shape[0] > 0 and all(q.group_size % 32 == 0 for q in (bank.weight("gate_up", 0), bank.weight("down", 0)))
+
+
+def moe_decode(bank, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One token through the chosen experts of a quantized bank (see ``moe_applies``): x (1, H) bf16,
+    experts / weights (1, K) -> sum_k weights[k] * expert_k(x), (1, H) bf16, in one C call."""
+    return _moe1(_library(), bank, x, experts, weights, torch.get_num_threads())
+
+
+def _moe1(lib, bank, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, threads: int) -> torch.Tensor:
+    gu, dn = bank.weight("gate_up", 0), bank.weight("down", 0)
+    H, I = x.shape[-1], dn.shape[1]
+    x = x.contiguous()
+    ids = experts.reshape(-1).to(torch.int64).contiguous()
+    w = weights.reshape(-1).to(torch.float32).contiguous()
+    y = torch.empty(1, H, dtype=torch.bfloat16)
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    status = lib.q_moe1(
+        x.data_ptr(), H, I, ids.numel(), ids.data_ptr(), w.data_ptr(),
+        bank.gate_up_qweight.data_ptr(), bank.gate_up_qweight.stride(0), bank.gate_up_scales.data_ptr(),
+        ptr(bank.gate_up_zeros), bank.gate_up_scales.stride(0), gu.group_size,
+        bank.down_qweight.data_ptr(), bank.down_qweight.stride(0), bank.down_scales.data_ptr(),
+        ptr(bank.down_zeros), bank.down_scales.stride(0), dn.group_size,
+        bank.bits, y.data_ptr(), threads)
+    if status != 0:
+        raise RuntimeError(f"q_moe1 returned {status}")
+    return y
 
 
 def dequantize(qw) -> torch.Tensor:
