@@ -259,7 +259,7 @@ def chat(
 @_command()
 def serve(
     model: Model = DEFAULT_MODEL, revision: Revision = None, device: Device = DeviceName.auto,
-    dtype: Dtype = DtypeName.auto, offline: Offline = False,
+    dtype: Dtype = DtypeName.auto, quantize: Quantize = None, offline: Offline = False,
     host: Annotated[str, _opt("--host", env="HOST", panel=SERVE, help="Address to listen on (0.0.0.0: all).")] = "127.0.0.1",
     port: Annotated[int, _opt("--port", env="PORT", panel=SERVE, help="Port (0: any free one).", min=0, max=65535)] = 8000,
     api_key: Annotated[Optional[str], _opt("--api-key", env="API_KEY", panel=SERVE,
@@ -280,7 +280,8 @@ def serve(
     """Serve the model over OpenAI's chat API: POST /v1/chat/completions, GET /v1/models, GET /health."""
     from ernie_cli.serve import ServeOptions, run_serve
 
-    run_serve(LoadOptions(model, revision, device.value, dtype.value, offline or None),
+    run_serve(LoadOptions(model, revision, device.value, dtype.value, offline or None,
+                          quantize=quantize and quantize.value),
               MediaOptions(fps, max_frames, not no_timestamps, max_pixels),
               ServeOptions(host, port, api_key, max_batch, queue_size, max_request_mb, grace, verbose, media_urls))
 

@@ -74,6 +74,27 @@ def test_chat_takes_quantize(tmp_path):
     assert "circle" in proc.stdout_text
 
 
+def test_serve_takes_quantize(tmp_path):
+    """`ernie serve --quantize int4` answers a picture as describe --quantize int4 does, also for
+    concurrent requests (decode steps of several rows through the sliced C product)."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.helpers.server import Served, data_url, request, user
+
+    server = Served(tmp_path, "--model", "ernie-tiny", "--quantize", "int4", "--max-batch", "12")
+    try:
+        body = {"model": "ernie-tiny", "max_tokens": 16, "temperature": 0,
+                "messages": [user("Describe this image.", ("image", data_url(IMAGE, "image/png")))]}
+        with ThreadPoolExecutor(12) as pool:
+            replies = list(pool.map(lambda _: request(server, "POST", "/v1/chat/completions", body), range(12)))
+        assert all(status == 200 for status, _ in replies), replies
+        assert {r["choices"][0]["message"]["content"].strip() for _, r in replies} == {ANSWER}
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+
+
 def test_info_and_models_show_format_and_size(quantized, tmp_path):
     proc = run_ernie(["info", str(quantized[4])], tmp_path)
     assert proc.returncode == 0, proc.stderr_text

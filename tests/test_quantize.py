@@ -183,6 +183,24 @@ def test_the_cpu_backend_sends_one_decode_token_through_q_moe1(monkeypatch):
     assert torch.allclose(fused.float(), plain.float(), rtol=0.02, atol=0.02 * float(plain.abs().max()))
 
 
+@pytest.mark.parametrize("rows", [9, 20, qkernels.SLICED_MAX_ROWS])
+def test_gemv_of_a_batch_step_runs_in_slices_of_max_rows(rows):
+    """Decode steps of a batch (more rows than the C product takes) go through it in slices
+    instead of dequantizing the weight; the result is the reference product."""
+    if not qkernels.available():
+        pytest.skip(f"no quantized CPU kernels here: {qkernels.unavailable_reason}")
+    gen = torch.Generator().manual_seed(rows)
+    qw = QuantizedWeight.quantize(torch.randn(40, 256, generator=gen), 4, 64)
+    x = torch.randn(2, rows, 256, generator=gen).bfloat16()[:, :rows // 2 + 1]  # (2, r, K), not contiguous
+    assert qkernels.applies(x, qw) == (x.shape[0] * x.shape[1] <= qkernels.SLICED_MAX_ROWS)
+    if not qkernels.applies(x, qw):
+        x = x[:1]
+    out = qkernels.gemv(x, qw).float()
+    ref = reference_product(x, qw)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, rtol=2 ** -7, atol=2e-3 * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("build", ALL_BUILDS)
 def test_gemv_takes_fp32_activations_and_returns_fp32(build):
     lib = _build(build)

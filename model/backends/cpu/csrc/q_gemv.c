@@ -408,7 +408,7 @@ static inline __attribute__((always_inline)) void rows_kernel(const job *j, int6
     }
 
 #define BLOCKS_FOR(BITS_)                                                                        \
-    BLOCK_FN(BITS_, 1, R_ONE##BITS_)                                                                  \
+    BLOCK_FN(BITS_, 1, R_ONE##BITS_)                                                             \
     BLOCK_FN(BITS_, 2, 2)                                                                        \
     BLOCK_FN(BITS_, 3, 1)                                                                        \
     BLOCK_FN(BITS_, 4, 1)                                                                        \
