@@ -176,7 +176,6 @@ static void quantize_x(const void *x, int x_f32, int64_t M, int64_t K, int64_t K
 typedef struct {
     const int8_t *xq;
     const float *sx, *xs;
-    const int32_t *xc; /* int8 on AVX-512: per row of x and 4-column lane, -128 times the sum of xq */
     int64_t K, Kp, G, N, ldw; /* ldw: bytes from one row of W to the next */
     const uint8_t *W;
     const uint16_t *S, *Z; /* Z may be NULL */
@@ -424,8 +423,9 @@ BLOCKS_FOR(4)
 /* One row of x (decode at batch 1): each row of W is read start to end before the next, one
    sequential stream per thread (as block_m1 of bf16_gemv_dp.c), four chunks per step into four
    accumulators, the row's scales converted to fp32 once. int8 weights enter vpdpbusd as q + 128
-   (one xor) with the accumulator started at -128 * sum(xq) of the lane (xc, computed once per
-   call), instead of the sign transfer of the R-row kernel (three instructions per 64 bytes).
+   (one xor), and 128 times the scaled group sums of x (as the zero points' term of int4) come off
+   at the row's end, instead of the sign transfer of the R-row kernel (three instructions per 64
+   bytes).
    Measured on a 2-core AVX512-VNNI EPYC (Zen 4), int4 group 64, one thread: 27-29 Gweights/s
    against 16-18 for the R-row kernel, which reads 4 rows side by side (two rows side by side
    here ran at half speed); two threads 28-30 GB/s of codes, the machine's copy speed. */
@@ -453,9 +453,8 @@ static inline __attribute__((always_inline)) void stream_chunk(const job *j, con
         } else {
             w = _mm512_loadu_si512(row + c * 128 + h * 64);
         }
-        /* sum (q + 128) x = sum q x + 128 sum x: the accumulator starts at -128 sum x */
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(j->xc + c * 32 + h * 16), _mm512_xor_si512(w, top),
-                                          _mm512_loadu_si512(xq + h * 64));
+        /* the codes enter as q + 128 (unsigned); stream_rows takes 128 sum(x) back out per group */
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(w, top), _mm512_loadu_si512(xq + h * 64));
         *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_loadu_ps(sx + h * 16), sw[h]), *acc);
     }
 }
@@ -482,6 +481,11 @@ static inline __attribute__((always_inline)) void stream_rows(const job *j, int6
         for (; c < nchunks; c++) stream_chunk(j, row, fs, c, nblocks, BITS, 1, &acc1);
         float sums[4][MAX_ROWS];
         sums[0][0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+        if (BITS == 8) { /* sum_g s_g sum_k (q + 128) x = the product + 128 sum_g s_g xs_g */
+            float corr = 0.0f;
+            for (int64_t g = 0; g < NG; g++) corr += fs[g] * j->xs[g];
+            sums[0][0] -= 128.0f * corr;
+        }
         finish_rows(j, n, 1, 1, sums);
     }
 }
@@ -517,31 +521,19 @@ static int gemv(const void *x, int x_f32, int64_t M, int64_t K, const uint8_t *W
     int64_t Kp = (K + CHUNK - 1) / CHUNK * CHUNK;
     int8_t *xq = (int8_t *)malloc((size_t)(M * Kp));
     float *sx = (float *)malloc((size_t)(M * SX_PER_ROW(K, Kp)) * sizeof(float));
-    float *xs = Z ? (float *)malloc((size_t)(M * (K / G)) * sizeof(float)) : NULL;
-    if (!xq || !sx || (Z && !xs)) {
+    /* group sums of the quantized x: the zero points' term (int4), and on AVX-512 the offset of
+       the q + 128 codes of one row of x (int8, stream_rows) */
+    float *xs = Z || (bits == 8 && M == 1) ? (float *)malloc((size_t)(M * (K / G)) * sizeof(float)) : NULL;
+    if (!xq || !sx || ((Z || (bits == 8 && M == 1)) && !xs)) {
         free(xq);
         free(sx);
         free(xs);
         return 2;
     }
     quantize_x(x, x_f32, M, K, Kp, G, bits, xq, sx, xs);
-    int32_t *xc = NULL;
-#ifdef __AVX512F__
-    if (bits == 8 && M == 1) {
-        xc = (int32_t *)malloc((size_t)(M * Kp / 4) * sizeof(int32_t));
-        if (!xc) {
-            free(xq);
-            free(sx);
-            free(xs);
-            return 2;
-        }
-        for (int64_t i = 0; i < M * Kp / 4; i++)
-            xc[i] = -128 * ((int32_t)xq[4 * i] + xq[4 * i + 1] + xq[4 * i + 2] + xq[4 * i + 3]);
-    }
-#endif
     int group_shift = 0;
     while ((BLOCK << group_shift) < G) group_shift++;
-    job j = {xq, sx, xs, xc, K, Kp, G, N, bits == 8 ? K : K / 2, W, S, Z, bias, y, y_f32, group_shift, K / G};
+    job j = {xq, sx, xs, K, Kp, G, N, bits == 8 ? K : K / 2, W, S, Z, bias, y, y_f32, group_shift, K / G};
     block_fn fn = (bits == 8 ? BLOCKS8 : BLOCKS4)[M];
     int64_t nblocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
     if (nthreads <= 1 || nblocks < 2 || N * K < MIN_PARALLEL) {
@@ -556,7 +548,6 @@ static int gemv(const void *x, int x_f32, int64_t M, int64_t K, const uint8_t *W
     free(xq);
     free(sx);
     free(xs);
-    free(xc);
     return 0;
 }
 
@@ -679,29 +670,24 @@ int q_moe1(const void *x, int64_t H, int64_t I, int64_t nk, const int64_t *exper
        down outputs (nk, H) fp32 */
     int8_t *xq = (int8_t *)malloc((size_t)(Hp + nk * Ip));
     float *fbuf = (float *)malloc((size_t)(sxh + H / Ggu + nk * (2 * I + sxi + I / Gd + H)) * sizeof(float));
-    int32_t *xc = (int32_t *)malloc((size_t)((Hp + nk * Ip) / 4) * sizeof(int32_t));
-    if (!xq || !fbuf || !xc) {
+    if (!xq || !fbuf) {
         free(xq);
         free(fbuf);
-        free(xc);
         return 2;
     }
     int8_t *aq = xq + Hp;
     float *sx = fbuf, *xs = sx + sxh, *h = xs + H / Ggu, *sa = h + nk * 2 * I, *as = sa + nk * sxi, *d = as + nk * (I / Gd);
-    int32_t *ac = xc + Hp / 4;
-    quantize_x(x, 0, 1, H, Hp, Ggu, bits, xq, sx, bits == 4 ? xs : NULL);
-    for (int64_t i = 0; i < Hp / 4; i++)
-        xc[i] = -128 * ((int32_t)xq[4 * i] + xq[4 * i + 1] + xq[4 * i + 2] + xq[4 * i + 3]);
+    quantize_x(x, 0, 1, H, Hp, Ggu, bits, xq, sx, xs);
     int group_shift_gu = 0, group_shift_d = 0;
     while ((BLOCK << group_shift_gu) < Ggu) group_shift_gu++;
     while ((BLOCK << group_shift_d) < Gd) group_shift_d++;
     job gu[MOE_MAX_K], dn[MOE_MAX_K];
     for (int64_t k = 0; k < nk; k++) {
         int64_t e = experts[k];
-        job a = {xq, sx, bits == 4 ? xs : NULL, xc, H, Hp, Ggu, 2 * I, bits == 8 ? H : H / 2,
+        job a = {xq, sx, xs, H, Hp, Ggu, 2 * I, bits == 8 ? H : H / 2,
                  Wgu + e * wgu_stride, Sgu + e * sgu_stride, Zgu ? Zgu + e * sgu_stride : NULL, NULL,
                  h + k * 2 * I, 1, group_shift_gu, H / Ggu};
-        job b = {aq + k * Ip, sa + k * sxi, bits == 4 ? as + k * (I / Gd) : NULL, ac + k * (Ip / 4), I, Ip, Gd, H,
+        job b = {aq + k * Ip, sa + k * sxi, as + k * (I / Gd), I, Ip, Gd, H,
                  bits == 8 ? I : I / 2, Wd + e * wd_stride, Sd + e * sd_stride, Zd ? Zd + e * sd_stride : NULL, NULL,
                  d + k * H, 1, group_shift_d, I / Gd};
         gu[k] = a;
@@ -721,11 +707,7 @@ int q_moe1(const void *x, int64_t H, int64_t I, int64_t nk, const int64_t *exper
         for (int64_t k = 0; k < nk; k++) { /* SwiGLU, then the activations quantized for the down product */
             float *g = h + k * 2 * I;
             for (int64_t i = 0; i < I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];
-            quantize_x(g, 1, 1, I, Ip, Gd, bits, aq + k * Ip, sa + k * sxi, bits == 4 ? as + k * (I / Gd) : NULL);
-            int8_t *q = aq + k * Ip;
-            int32_t *c = ac + k * (Ip / 4);
-            for (int64_t i = 0; i < Ip / 4; i++)
-                c[i] = -128 * ((int32_t)q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
+            quantize_x(g, 1, 1, I, Ip, Gd, bits, aq + k * Ip, sa + k * sxi, as + k * (I / Gd));
         }
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < nk * d_blocks; item++) {
@@ -741,6 +723,5 @@ int q_moe1(const void *x, int64_t H, int64_t I, int64_t nk, const int64_t *exper
     }
     free(xq);
     free(fbuf);
-    free(xc);
     return 0;
 }
