@@ -173,6 +173,34 @@ static void quantize_x(const void *x, int x_f32, int64_t M, int64_t K, int64_t K
     }
 }
 
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* sum_g h[g] v[g] for fp16 h and fp32 v (a row's zero points times the group sums of x) */
+static inline float half_dot(const uint16_t *h, const float *v, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= n; g += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + g))), _mm256_loadu_ps(v + g), acc);
+    float sum = sum8(acc);
+    for (; g < n; g++) sum += f16_to_f32(h[g]) * v[g];
+    return sum;
+}
+
+/* sum_g a[g] b[g] in fp32 */
+static inline float float_dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= n; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + g), _mm256_loadu_ps(b + g), acc);
+    float sum = sum8(acc);
+    for (; g < n; g++) sum += a[g] * b[g];
+    return sum;
+}
+
 typedef struct {
     const int8_t *xq;
     const float *sx, *xs;
@@ -198,10 +226,7 @@ static inline __attribute__((always_inline)) void finish_rows(const job *j, int6
     for (int r = 0; r < R; r++) {
         float zacc[MAX_ROWS] = {0};
         if (j->Z)
-            for (int64_t g = 0; g < NG; g++) {
-                float z = f16_to_f32(j->Z[(n + r) * NG + g]);
-                for (int m = 0; m < M; m++) zacc[m] += z * j->xs[m * NG + g];
-            }
+            for (int m = 0; m < M; m++) zacc[m] = half_dot(j->Z + (n + r) * NG, j->xs + m * NG, NG);
         float b = !j->bias ? 0.0f
                   : j->y_f32 ? ((const float *)j->bias)[n + r]
                              : bf16_to_f32(((const uint16_t *)j->bias)[n + r]);
@@ -333,10 +358,7 @@ static inline __attribute__((always_inline)) void finish_rows(const job *j, int6
     for (int r = 0; r < R; r++) {
         float zacc[MAX_ROWS] = {0};
         if (j->Z)
-            for (int64_t g = 0; g < NG; g++) {
-                float z = f16_to_f32(j->Z[(n + r) * NG + g]);
-                for (int m = 0; m < M; m++) zacc[m] += z * j->xs[m * NG + g];
-            }
+            for (int m = 0; m < M; m++) zacc[m] = half_dot(j->Z + (n + r) * NG, j->xs + m * NG, NG);
         float b = !j->bias ? 0.0f
                   : j->y_f32 ? ((const float *)j->bias)[n + r]
                              : bf16_to_f32(((const uint16_t *)j->bias)[n + r]);
@@ -482,9 +504,7 @@ static inline __attribute__((always_inline)) void stream_rows(const job *j, int6
         float sums[4][MAX_ROWS];
         sums[0][0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
         if (BITS == 8) { /* sum_g s_g sum_k (q + 128) x = the product + 128 sum_g s_g xs_g */
-            float corr = 0.0f;
-            for (int64_t g = 0; g < NG; g++) corr += fs[g] * j->xs[g];
-            sums[0][0] -= 128.0f * corr;
+            sums[0][0] -= 128.0f * float_dot(fs, j->xs, NG);
         }
         finish_rows(j, n, 1, 1, sums);
     }
