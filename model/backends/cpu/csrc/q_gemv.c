@@ -145,6 +145,45 @@ static inline int64_t xq_index(int64_t k, int bits) { (void)bits; return k; }
    block scales sx, and when xs is set, xs (M, K / G): each group's sum of the quantized x (the
    zero point's term then uses the same x as the codes' term: with exact sums, the error of x's
    rounding would meet the codes' q * s, several times the weight, instead of the weight). */
+#ifdef __AVX512F__
+/* 16 activations from element idx, bf16 or fp32, as fp32 */
+static inline __m512 x_load16(const void *x, int x_f32, int64_t idx) {
+    if (x_f32) return _mm512_loadu_ps((const float *)x + idx);
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + idx)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+/* The same numbers as the scalar code below (the same products, rounded by the same MXCSR mode),
+   a block of 32 at a time. */
+static void quantize_x(const void *x, int x_f32, int64_t M, int64_t K, int64_t Kp, int64_t G, int bits,
+                       int8_t *xq, float *sx, float *xs) {
+    for (int64_t m = 0; m < M; m++) {
+        int8_t *row = xq + m * Kp;
+        float *lanes = sx + m * SX_PER_ROW(K, Kp);
+        memset(row, 0, (size_t)Kp);
+        memset(lanes, 0, (size_t)SX_PER_ROW(K, Kp) * sizeof(float));
+        if (xs) memset(xs + m * (K / G), 0, (size_t)(K / G) * sizeof(float));
+        for (int64_t b = 0; b < K / BLOCK; b++) {
+            __m512 a = x_load16(x, x_f32, m * K + b * BLOCK), c = x_load16(x, x_f32, m * K + b * BLOCK + 16);
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+            float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+            float *l = lanes + (b / 4) * 32;
+            if (bits == 4) { /* lanes 4 (b % 4) .. + 3 of both halves (see set_block_scale) */
+                _mm_storeu_ps(l + 4 * (b & 3), _mm_set1_ps(scale));
+                _mm_storeu_ps(l + 16 + 4 * (b & 3), _mm_set1_ps(scale));
+            } else { /* half (b % 4) / 2, lanes 8 (b % 2) .. + 7 */
+                _mm256_storeu_ps(l + 16 * ((b & 3) >> 1) + 8 * (b & 1), _mm256_set1_ps(scale));
+            }
+            __m512 vinv = _mm512_set1_ps(inv);
+            __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, vinv)), qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, vinv));
+            int64_t first = bits == 8 ? b * BLOCK : (b / 4) * 128 + (b & 3) * 16, second = bits == 8 ? first + 16 : first + 64;
+            _mm_storeu_si128((__m128i *)(row + first), _mm512_cvtepi32_epi8(qa));
+            _mm_storeu_si128((__m128i *)(row + second), _mm512_cvtepi32_epi8(qc));
+            if (xs) xs[m * (K / G) + b * BLOCK / G] += scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));
+        }
+    }
+}
+#else
 static void quantize_x(const void *x, int x_f32, int64_t M, int64_t K, int64_t Kp, int64_t G, int bits,
                        int8_t *xq, float *sx, float *xs) {
     for (int64_t m = 0; m < M; m++) {
@@ -172,6 +211,7 @@ static void quantize_x(const void *x, int x_f32, int64_t M, int64_t K, int64_t K
         }
     }
 }
+#endif
 
 static inline float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
