@@ -121,7 +121,9 @@ class BatchRunner:
     ``on_done(request)`` (optional) is called in the scheduling thread when a request ends.
     ``min_admit``: requests one prefill waits for (free rows, and waiting requests until
     ``end_of_input`` or a short hold; see ``Scheduler``); 1 admits at once (lowest latency),
-    more batches prefills (throughput).
+    more batches prefills (throughput). The KV cache is capped at the engine's
+    ``cache_token_budget()``: long requests that would exceed it wait for rows to end, and one
+    that cannot fit at all is refused at ``submit`` with a ContextLengthError.
     """
 
     def __init__(self, engine, batch_size: int, on_done: Callable[[TextRequest], None] | None = None,
@@ -129,7 +131,8 @@ class BatchRunner:
         from model.generation.scheduler import Scheduler
 
         self.engine = engine
-        self.scheduler = Scheduler(engine.model, max_batch=batch_size, min_admit=min_admit)
+        self.scheduler = Scheduler(engine.model, max_batch=batch_size, min_admit=min_admit,
+                                   max_cache_tokens=engine.cache_token_budget())
         self._on_done = on_done
         self._requests: dict[int, TextRequest] = {}
         self._lock = threading.Lock()

@@ -154,18 +154,26 @@ class TorchEngine:
     def default_batch_size(self, settings: GenerationSettings, cap: int = 16) -> int:
         """Rows for batched generation: as many as a quarter of the free memory holds KV caches
         for (one image at the processor's largest size, a prompt, the answer), at most ``cap``."""
-        from ernie_cli.memory import free_bytes
-
         text, image = self.model.config.text, self.processor.image_config
-        param = next(self.model.parameters())
-        per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * param.element_size()
         max_new = self.generation_config(settings).max_new_tokens
         tokens = min(text.max_position_embeddings, image.max_pixels // (image.patch_size * image.merge_size) ** 2
                      + 256 + max_new)
-        free = free_bytes(str(param.device) if param.device.type == "cuda" else param.device.type)
-        if free is None:
+        budget = self.cache_token_budget()
+        if budget is None:
             return min(4, cap)
-        return max(1, min(cap, int(free * 0.25 // (per_token * tokens))))
+        return max(1, min(cap, budget // tokens))
+
+    def cache_token_budget(self) -> int | None:
+        """KV-cache slots (rows x tokens) batched generation may hold: a quarter of the memory free
+        now on the model's device; None where that cannot be measured. The batch runner caps its
+        cache with it, so that a burst of long requests waits instead of exhausting memory."""
+        from ernie_cli.memory import free_bytes
+
+        text = self.model.config.text
+        param = next(self.model.parameters())
+        per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * param.element_size()
+        free = free_bytes(str(param.device) if param.device.type == "cuda" else param.device.type)
+        return None if free is None else int(free * 0.25 // per_token)
 
     def generation_config(self, settings: GenerationSettings):
         """The checkpoint's config with the user's overrides; temperature > 0 means sampling."""

@@ -165,6 +165,35 @@ def test_the_cache_grows_for_a_longer_request_and_keeps_live_rows(ernie):
     assert done[b.id].token_ids == alone(ernie, PROMPTS["image"], long)[0]
 
 
+
+def test_a_capped_cache_holds_long_requests_back_and_never_grows_past_the_cap(ernie, monkeypatch):
+    import model.generation.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "CACHE_ROUND", 16)
+    long = GenerationConfig(max_new_tokens=30, eos_token_id=(-1,))  # 6-10 prompt tokens + 30: 48 slots a row
+    short = GenerationConfig(max_new_tokens=3, eos_token_id=(-1,))  # 16 slots a row
+    jobs = [(PROMPTS[name], long) for name in ("text", "image", "wide image", "video")]
+    jobs += [(PROMPTS[name], short) for name in ("text", "image", "wide image")]
+    scheduler = Scheduler(ernie, max_batch=4, max_cache_tokens=100)  # room for 2 long rows or 4 short ones
+    with pytest.raises(ContextLengthError, match="KV cache may hold"):  # could never fit, even alone
+        scheduler.submit(PROMPTS["text"], GenerationConfig(max_new_tokens=95))
+    handles = [scheduler.submit(p, c) for p, c in jobs]
+    seen = []
+
+    def check(s, events):
+        cache = s._cache
+        assert cache.batch_size * cache.max_len <= 100, "the cache grew past its cap"
+        long_live = sum(r is not None and r.request.config is long for r in s._rows)
+        assert long_live <= 2
+        seen.append((s.num_live, cache.batch_size))
+
+    _, done = run_all(scheduler, check)
+    for handle, (prompt, config) in zip(handles, jobs):
+        assert done[handle.id].token_ids == alone(ernie, prompt, config)[0], handle.id
+    assert max(live for live, _ in seen[:10]) == 2, "two long requests decode together, the rest wait"
+    assert max(rows for _, rows in seen) == 4, "short requests get every row back once the long ones end"
+
+
 # --- the per-row cache slots and masks ---------------------------------------------------------------
 
 def test_per_row_cache_positions_write_each_row_at_its_own_slot():

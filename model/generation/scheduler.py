@@ -21,6 +21,12 @@ Design, per-row cache positions over a static cache:
 * A prefill runs the admitted prompts together, left-padded, into a temporary cache of their
   own, then copies each row's keys and values to slot 0 of its cache row. Keys carry RoPE by
   position, not by slot, so moved keys stay valid. Vision runs only here.
+* The cache has as many slots per row as the longest live request needs (its prompt plus its
+  max_new_tokens, rounded up to CACHE_ROUND) and grows when a longer one is admitted. Under
+  ``max_cache_tokens`` (rows x slots) a cache for long requests gets fewer rows: a request that
+  would push it over the cap waits until enough rows have ended, and one that could not fit even
+  alone is refused at ``submit`` with the context error. A burst of long requests therefore
+  never allocates more than the cap.
 * Sampling is per request (its own ``GenerationConfig``: temperature, top-p/k, min-p,
   repetition penalty, seed, eos, thinking budget); rows that decode greedily without a penalty
   share one argmax.
@@ -43,7 +49,7 @@ from typing import Any, Mapping
 
 import torch
 
-from model.errors import ErnieError
+from model.errors import ContextLengthError, ErnieError
 from model.generation.generate import (GenerationConfig, _check_context, _peak_memory, _ThinkingBudget,
                                        default_config, prompt_positions)
 from model.generation.kv_cache import StaticKVCache
@@ -119,18 +125,22 @@ class Scheduler:
     as one of eight); 1 admits at once (latency). It waits for this many free rows while
     others decode, and for this many waiting requests, unless ``end_of_input()`` said that no
     more are coming or the oldest has waited ``max_hold_s``. The cache is allocated at the
-    first admission and grows when a request needs more slots.
+    first admission and grows when a request needs more slots; ``max_cache_tokens`` (None: no
+    cap) bounds its rows x slots (see the module docstring).
     """
 
     def __init__(self, model, max_batch: int = 8, max_prefill_tokens: int = 16384, min_admit: int = 1,
-                 max_hold_s: float = 0.5):
+                 max_hold_s: float = 0.5, max_cache_tokens: int | None = None):
         if max_batch < 1 or min_admit < 1:
             raise ValueError(f"max_batch and min_admit must be >= 1, got {max_batch}, {min_admit}")
+        if max_cache_tokens is not None and max_cache_tokens < 1:
+            raise ValueError(f"max_cache_tokens must be >= 1 or None, got {max_cache_tokens}")
         self.model = model
         self.max_batch = max_batch
         self.min_admit = min(min_admit, max_batch)
         self.max_hold_s = max_hold_s
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_cache_tokens = max_cache_tokens
         self._more_coming = True
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -145,7 +155,7 @@ class Scheduler:
     def submit(self, inputs: Mapping[str, Any], config: GenerationConfig | None = None) -> Request:
         """Queue one prompt: the processor's tensors for ONE conversation (``input_ids`` (1, P), and
         pixels and grids when it has media). Raises ContextLengthError when P + max_new_tokens is
-        over the model's context."""
+        over the model's context, or over ``max_cache_tokens``."""
         config = config or self.default_config
         tensors = {k: v for k, v in inputs.items() if k in PREFILL_INPUTS and v is not None}
         ids = tensors.get("input_ids")
@@ -160,6 +170,7 @@ class Scheduler:
                     tensors[k] = tensors[k][:, keep]
         _check_context(self.model, tensors["input_ids"], config)
         P = tensors["input_ids"].shape[1]
+        self._check_cache_cap(P, config.max_new_tokens)
         request = Request(next(self._ids), tensors, config, P)
         with self._lock:
             self._waiting.append(request)
@@ -259,22 +270,29 @@ class Scheduler:
 
     def _admit(self, events: list) -> None:
         free = [i for i, r in enumerate(self._rows) if r is None]
+        live = self.num_live
+        need = max((_slots_needed(r.request) for r in self._rows if r is not None), default=0)
         group: list[Request] = []
         with self._lock:
             if self._hold_left() > 0:
                 return  # let more rows free up and more requests arrive: one prefill serves several
             while self._waiting and len(group) < len(free):
-                longest = max([self._waiting[0].prompt_tokens] + [r.prompt_tokens for r in group])
+                head = self._waiting[0]
+                longest = max([head.prompt_tokens] + [r.prompt_tokens for r in group])
                 if group and longest * (len(group) + 1) > self.max_prefill_tokens:
                     break
+                if live + len(group) + 1 > self._rows_for(self._slots_for(max(need, _slots_needed(head)))):
+                    break  # over max_cache_tokens: it waits (first in, first out) until rows end
+                need = max(need, _slots_needed(head))
                 group.append(self._waiting.popleft())
         if not group:
             return
-        self._ensure_cache(max(r.prompt_tokens + r.config.max_new_tokens for r in group))
+        self._ensure_cache(need, live + len(group))
+        free = [i for i, r in enumerate(self._rows) if r is None][:len(group)]  # all below the cache's rows
         try:
-            self._prefill(group, free[:len(group)], events)
+            self._prefill(group, free, events)
         except Exception as e:
-            for slot in free[:len(group)]:
+            for slot in free:
                 self._rows[slot] = None
             if len(group) == 1:
                 group[0].done = True
@@ -317,19 +335,45 @@ class Scheduler:
             rows.append((slot, row))
         self._sample(logits, rows, events)
 
-    def _ensure_cache(self, needed: int) -> None:
-        """A cache of max_batch rows with at least ``needed`` slots (grown, live rows kept)."""
+    def _ensure_cache(self, needed: int, rows: int) -> None:
+        """A cache with at least ``needed`` slots and ``rows`` rows; a new one (live rows moved to
+        its first rows) when the old one is too short or has too few rows."""
         old = self._cache
-        if old is not None and old.max_len >= needed:
+        if old is not None and old.max_len >= needed and old.batch_size >= rows:
             return
-        limit = self.model.config.text.max_position_embeddings
-        size = min(-(-needed // CACHE_ROUND) * CACHE_ROUND, limit)
-        cache = StaticKVCache(self.model.config.text, self.max_batch, max(size, needed), self.dtype, self.device)
+        slots = self._slots_for(needed)
+        cache = StaticKVCache(self.model.config.text, self._rows_for(slots), slots, self.dtype, self.device)
+        live = [r for r in self._rows if r is not None]
         if old is not None:
-            for layer in range(old.num_layers):
-                cache.keys[layer][:, :, :old.max_len] = old.keys[layer]
-                cache.values[layer][:, :, :old.max_len] = old.values[layer]
+            for dst, src in enumerate(i for i, r in enumerate(self._rows) if r is not None):
+                n = self._rows[src].length
+                for layer in range(old.num_layers):
+                    cache.keys[layer][dst, :, :n] = old.keys[layer][src, :, :n]
+                    cache.values[layer][dst, :, :n] = old.values[layer][src, :, :n]
+        self._rows = live + [None] * (self.max_batch - len(live))
         self._cache = cache
+
+    def _slots_for(self, needed: int) -> int:
+        """Slots per row of a cache for requests needing up to ``needed``: rounded up to
+        CACHE_ROUND, within the context and max_cache_tokens."""
+        bound = self.model.config.text.max_position_embeddings
+        if self.max_cache_tokens is not None:
+            bound = min(bound, self.max_cache_tokens)
+        return max(min(-(-needed // CACHE_ROUND) * CACHE_ROUND, bound), needed)
+
+    def _rows_for(self, slots: int) -> int:
+        """Rows a cache of ``slots`` slots may have: max_batch, fewer under max_cache_tokens."""
+        if self.max_cache_tokens is None:
+            return self.max_batch
+        return max(1, min(self.max_batch, self.max_cache_tokens // slots))
+
+    def _check_cache_cap(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        cap = self.max_cache_tokens
+        if cap is not None and prompt_tokens + max_new_tokens > cap:
+            raise ContextLengthError(
+                f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were requested: "
+                f"{prompt_tokens + max_new_tokens} in all, over the {cap} the batch's KV cache may hold",
+                hint=f"lower max_new_tokens to at most {max(cap - prompt_tokens, 0)}, or shorten the prompt")
 
     def _pad_id(self) -> int:
         cfg = self.default_config
@@ -407,6 +451,11 @@ class Scheduler:
                 self._cache.keys[layer][dst, :, :n] = self._cache.keys[layer][src, :, :n]
                 self._cache.values[layer][dst, :, :n] = self._cache.values[layer][src, :, :n]
             self._rows[dst], self._rows[src] = self._rows[src], None
+
+
+def _slots_needed(request: Request) -> int:
+    """Cache slots a request may fill: its prompt and every new token it may generate."""
+    return request.prompt_tokens + request.config.max_new_tokens
 
 
 def _collate(group: list[Request], pad_id: int) -> dict[str, torch.Tensor]:
