@@ -7,7 +7,9 @@ Legend: N = patches, C = vision hidden, m = spatial merge (2), H = text hidden.
 2. Temporal merge: frames are paired (0, 1), (2, 3), ... and each pair of rows is concatenated
    to 8C and mixed by ``temporal_linear`` back to 4C. An image has one frame, which is paired
    with itself; a video with an odd frame count drops its last frame here (the processor pads
-   videos to an even count, so that does not happen in practice).
+   videos to an even count, so that does not happen in practice). When every item is an image
+   (fp32 weights), fc1 takes the row once with its weight's two input halves summed: the same
+   product up to fp32 rounding, at half the cost (``MergeMLP.forward_self_paired``).
 3. ``mlp`` projects 4C -> H and ``after_norm`` (RMSNorm) normalises.
 
 An image of t x h x w patches ends as h*w/4 embeddings; a video as (t/2)*h*w/4.
@@ -35,6 +37,21 @@ class MergeMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln(self.fc2(self.act(self.fc1(x))))
+
+    def can_self_pair(self) -> bool:
+        """Whether ``forward_self_paired`` applies: a plain fp32 fc1 (bf16 would round the summed
+        halves; a quantized fc1 has no plain weight)."""
+        weight = getattr(self.fc1, "weight", None)
+        return isinstance(self.fc1, Linear) and weight is not None and weight.dtype == torch.float32
+
+    def forward_self_paired(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(cat([x, x], -1))`` with fc1 on x once: x (n, D) -> (n, D), fc1 (D, 2D).
+
+        x @ [A | B]^T = x @ (A + B)^T, so the (n, 2D) copy and half of fc1's product are saved."""
+        D = x.shape[-1]
+        weight = self.fc1.weight[:, :D] + self.fc1.weight[:, D:]  # (D, D), summed in fp32
+        h = self.fc1.backend.linear(x, weight, self.fc1.bias)
+        return self.ln(self.fc2(self.act(h)))
 
 
 def temporal_pair_index(grids: list[tuple[int, int, int]], merge: int,
@@ -73,9 +90,12 @@ class Resampler(nn.Module):
         """features (N, C) of all images/videos in order -> embeddings (sum of tokens, H)."""
         x = features.reshape(-1, features.shape[-1] * self.merge ** 2)  # (N/m^2, m^2*C): 2x2 windows
         x = self.spatial_linear(x)
-        first, second = temporal_pair_index(grids, self.merge, x.device)
-        x = torch.cat([x[first], x[second]], dim=-1)  # (pairs*rows, 2*m^2*C)
-        x = self.temporal_linear(x)
+        if all(t == 1 for t, _, _ in grids) and self.temporal_linear.can_self_pair():
+            x = self.temporal_linear.forward_self_paired(x)  # images only: each row pairs with itself
+        else:
+            first, second = temporal_pair_index(grids, self.merge, x.device)
+            x = torch.cat([x[first], x[second]], dim=-1)  # (pairs*rows, 2*m^2*C)
+            x = self.temporal_linear(x)
         return self.after_norm(self.mlp(x))
 
     def tokens_per_item(self, grids: list[tuple[int, int, int]]) -> list[int]:

@@ -196,3 +196,22 @@ def test_vision_mlp_in_place_activation_equals_the_formula_and_keeps_autograd():
     torch.testing.assert_close(out.detach(), want, atol=0, rtol=0)
     out.sum().backward()
     assert mlp.fc1.weight.grad is not None and mlp.fc1.weight.grad.abs().sum() > 0
+
+
+def test_resampler_pairs_an_image_with_itself_through_fc1s_summed_halves():
+    """Images only: temporal fc1 takes each row once with its two input halves summed (fp32); the
+    same embeddings as the concatenated pair; bf16 keeps the concatenation."""
+    from model.resampler import Resampler, temporal_pair_index
+
+    torch.manual_seed(0)
+    resampler = Resampler(our_config("A")).eval()
+    randomize_(resampler, 0)
+    grids = [(1, 4, 4), (1, 2, 6)]
+    features = torch.randn(sum(t * h * w for t, h, w in grids), resampler.spatial_linear.fc1.in_features // 4)
+    with torch.no_grad():
+        x = resampler.spatial_linear(features.reshape(-1, features.shape[-1] * 4))
+        first, second = temporal_pair_index(grids, resampler.merge, x.device)
+        want = resampler.after_norm(resampler.mlp(resampler.temporal_linear(torch.cat([x[first], x[second]], -1))))
+        assert resampler.temporal_linear.can_self_pair()
+        torch.testing.assert_close(resampler(features, grids), want, atol=1e-5, rtol=1e-5)
+    assert not resampler.to(torch.bfloat16).temporal_linear.can_self_pair()
