@@ -204,6 +204,18 @@ def normalize(pixels: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
     return (pixels.astype(np.float32) * np.float32(cfg.rescale_factor) - mean) / std
 
 
+def normalize_rows(rows: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
+    """``normalize`` on patch rows: uint8 (n, C*k) channel-major (``patchify``'s rows) -> float32,
+    the same numbers per value. Runs of k values share a channel here, where channels-last
+    arrays give numpy an inner loop of 3 (four times slower at 224x224)."""
+    n, C = rows.shape[0], len(cfg.image_mean)
+    x = rows.reshape(n, C, -1).astype(np.float32)  # (n, C, k)
+    x *= np.float32(cfg.rescale_factor)
+    x -= np.asarray(cfg.image_mean, dtype=np.float32)[:, None]
+    x /= np.asarray(cfg.image_std, dtype=np.float32)[:, None]
+    return x.reshape(n, -1)
+
+
 def patchify(pixels: np.ndarray, patch: int, merge: int, temporal: int = 1) -> np.ndarray:
     """(H, W, C) -> (gh*gw, C*temporal*patch*patch), rows ordered merge window by window.
 
@@ -228,8 +240,8 @@ def preprocess_images(images: list[Image.Image], cfg: ImageProcessorConfig) -> I
         resized = np.asarray(image.resize((w, h), resample=cfg.resample))
         if resized.ndim == 2:  # a single-band image when do_convert_rgb is off
             resized = np.repeat(resized[:, :, None], 3, axis=2)
-        rows.append(patchify(normalize(resized, cfg), cfg.patch_size, cfg.merge_size,
-                             cfg.temporal_patch_size))
+        # patches of the uint8 pixels first (a quarter of the bytes to move), then normalised
+        rows.append(normalize_rows(patchify(resized, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size), cfg))
         grids.append((1, h // cfg.patch_size, w // cfg.patch_size))
     width = 3 * cfg.temporal_patch_size * cfg.patch_size ** 2
     pixel_values = np.concatenate(rows) if rows else np.zeros((0, width), np.float32)

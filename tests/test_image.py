@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from model.errors import MediaError
-from processing.image import (ImageProcessorConfig, load_image, normalize, patchify,
+from processing.image import (ImageProcessorConfig, load_image, normalize, normalize_rows, patchify,
                               preprocess_images, smart_resize, to_rgb)
 from tests.helpers import media
 
@@ -106,6 +106,14 @@ def test_rows_are_channel_major():
     row = patchify(pixels, 14, 2)[0]
     assert row[:196].max() == 0 and (row[196:392] == 1).all() and (row[392:] == 2).all()
 
+
+
+def test_normalising_patch_rows_gives_the_same_numbers_as_normalising_pixels():
+    pixels = np.random.default_rng(3).integers(0, 256, (56, 84, 3), dtype=np.uint8)
+    cfg = ImageProcessorConfig()
+    want = patchify(normalize(pixels, cfg), 14, 2)
+    got = normalize_rows(patchify(pixels, 14, 2), cfg)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
 
 def test_preprocess_shapes_and_normalisation():
     images = [Image.new("RGB", (100, 60), (255, 0, 128)), Image.new("L", (20, 20), 0)]
