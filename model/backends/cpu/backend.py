@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from model.backends.base import Backend
-from model.backends.cpu import allocator, kernels, linear, packing, qkernels
+from model.backends.cpu import allocator, kernels, linear, packing, qkernels, threads
 
 # Steps of at most this many new tokens (decode) attend through ``kernels.attn_decode``: torch's
 # flash kernel spends ~2 us per cached token and layer on a query block of one row (2-core EPYC,
@@ -76,3 +76,4 @@ class CpuBackend(Backend):
 
     def loaded(self, model) -> None:
         allocator.keep_freed_memory()  # activations reuse freed heap blocks instead of faulting pages in anew
+        threads.fit_threads(model)  # a model too narrow to split its products runs on one thread
