@@ -40,10 +40,12 @@ from bench import bench_config  # noqa: E402
 READ_BYTES = 1 << 30  # the large read that sets the bandwidth charge
 
 
-def products(config, patches: int, text_tokens: int, images: int = 1) -> list[dict]:
+def products(config, patches: int, text_tokens: int, images: int = 1, self_paired: bool = False) -> list[dict]:
     """(stage, name, M, K, N, count, streamed) for each product of an image prompt's first token:
     ``patches`` vision patches in all, ``text_tokens`` prompt tokens that are not picture tokens
-    (the start and end marks of each of ``images`` pictures among them).
+    (the start and end marks of each of ``images`` pictures among them). ``self_paired``: the
+    resampler's temporal fc1 takes each picture row once (an fp32 model's images, see
+    model/resampler.py); bf16, as timed here, pairs the row with itself.
 
     streamed: the weight is read from memory once per use (it does not fit in cache next to the
     rest), so its time is at least its bytes over the read bandwidth.
@@ -70,7 +72,7 @@ def products(config, patches: int, text_tokens: int, images: int = 1) -> list[di
     spatial = V * merge
     add("resampler", "spatial fc1", image_tokens, spatial, spatial)
     add("resampler", "spatial fc2", image_tokens, spatial, spatial)
-    add("resampler", "temporal fc1", image_tokens, spatial * v.temporal_merge_size, spatial)
+    add("resampler", "temporal fc1", image_tokens, spatial * (1 if self_paired else v.temporal_merge_size), spatial)
     add("resampler", "temporal fc2", image_tokens, spatial, spatial)
     add("resampler", "to text width", image_tokens, spatial, H)
 
