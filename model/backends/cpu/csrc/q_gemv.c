@@ -523,14 +523,15 @@ static inline __attribute__((always_inline)) void stream_chunk(const job *j, con
 
 static inline __attribute__((always_inline)) void stream_rows(const job *j, int64_t n0, int64_t n1, const int BITS) {
     const int64_t K = j->K, nblocks = K / BLOCK, nchunks = j->Kp / CHUNK, full = nblocks / 4, NG = j->NG;
-    float fs[NG + 4];
+    float fs[NG + 16];
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = j->W + n * j->ldw;
         const uint16_t *S = j->S + n * NG;
         int64_t g = 0;
         for (; g + 16 <= NG; g += 16) _mm512_storeu_ps(fs + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + g))));
-        for (; g < NG; g++) fs[g] = f16_to_f32(S[g]);
-        for (; g < NG + 4; g++) fs[g] = 0.0f;
+        /* the last groups, then zeros past them (a partial last chunk reads up to 4 groups on) */
+        __mmask16 tail = (__mmask16)((1u << (NG - g)) - 1);
+        _mm512_storeu_ps(fs + g, _mm512_maskz_cvtph_ps(tail, _mm256_maskz_loadu_epi16(tail, S + g)));
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = acc0, acc3 = acc0;
         int64_t c = 0;
         for (; c + 4 <= full; c += 4) {
