@@ -15,6 +15,7 @@ State-dict names are the "our key" column of docs/ARCHITECTURE.md: ``model.embed
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -209,8 +210,9 @@ class ErnieVL(nn.Module):
         if pixels.shape[0] != patches:
             raise ErnieError(f"{kind}_grid_thw describes {patches} patches but {pixels.shape[0]} pixel rows "
                              f"were given", hint="pass the processor's pixel values and grids together")
-        features = self.vision_model(pixels, grid_thw)  # (N, C)
-        vision_embeds = self.model.resampler_model(features, grids)  # (tokens, H)
+        parts = split_items(grids, self.backend.parallel_parts())
+        encode = partial(self._encode_vision, pixels, grid_thw, grids)
+        vision_embeds = torch.cat(self.backend.map_parts(encode, parts))  # (tokens, H)
         slots = input_ids == token_id  # (B, T)
         n_slots = int(slots.sum())
         if n_slots != vision_embeds.shape[0]:
@@ -219,6 +221,13 @@ class ErnieVL(nn.Module):
                              hint=f"expand each {kind} placeholder to t*h*w/"
                                   f"{4 if kind == 'image' else 8} tokens, as the processor does")
         return embeds.masked_scatter(slots.unsqueeze(-1), vision_embeds.to(embeds.dtype))
+
+    def _encode_vision(self, pixels, grid_thw, grids, part: tuple[int, int, int, int]) -> torch.Tensor:
+        """Items i..j of the batch (pixel rows a..b): vision tower then resampler -> (tokens, H).
+        Items never see each other (attention stays inside a frame), so parts encode apart."""
+        i, j, a, b = part
+        features = self.vision_model(pixels[a:b], grid_thw[i:j])  # (b - a, C)
+        return self.model.resampler_model(features, grids[i:j])  # (tokens, H)
 
     def _token_types(self, input_ids: torch.Tensor, with_markers: bool) -> torch.Tensor:
         """Modality per token derived from ids: 0 text, 1 image, 2 video (markers count as vision for the MoE)."""
@@ -241,6 +250,21 @@ class ErnieVL(nn.Module):
 
 
 load_pretrained = ErnieVL.from_pretrained  # ``from model import load_pretrained``
+
+
+def split_items(grids: list[tuple[int, int, int]], parts: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive items (images or videos) in at most ``parts`` runs of about equal patches:
+    [(first item, end item, first pixel row, end pixel row)]; one run when ``parts`` <= 1."""
+    sizes = [t * h * w for t, h, w in grids]
+    total, runs, start, row, done = sum(sizes), [], 0, 0, 0
+    for i, n in enumerate(sizes[:-1]):
+        done += n
+        target = total * (len(runs) + 1) / parts  # where the next run should end
+        if len(runs) < parts - 1 and abs(done - target) <= abs(done + sizes[i + 1] - target):
+            runs.append((start, i + 1, row, done))  # cut after item i: the nearer side of the target
+            start, row = i + 1, done
+    runs.append((start, len(sizes), row, total))
+    return runs
 
 
 def _keep_last(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

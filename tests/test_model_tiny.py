@@ -215,3 +215,18 @@ def test_resampler_pairs_an_image_with_itself_through_fc1s_summed_halves():
         assert resampler.temporal_linear.can_self_pair()
         torch.testing.assert_close(resampler(features, grids), want, atol=1e-5, rtol=1e-5)
     assert not resampler.to(torch.bfloat16).temporal_linear.can_self_pair()
+
+
+def test_pictures_encoded_in_parallel_parts_give_the_logits_of_one_pass(model, monkeypatch):
+    """The CPU backend may encode a prefill's pictures in parts on idle cores: the same logits."""
+    from model.backends.cpu import threads
+    from model.ernie_vl import split_items
+
+    inputs = make_inputs("two_images", labels=False)
+    assert len(split_items([tuple(g) for g in inputs["image_grid_thw"].tolist()], 2)) == 2
+    with torch.no_grad():
+        whole = model(**inputs).logits
+        monkeypatch.setattr(type(model.backend), "parallel_parts", lambda self: 2)
+        monkeypatch.setattr(threads, "part_workers", lambda: 2)  # the CPU backend's pool, whatever the CPU
+        split = model(**inputs).logits
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)

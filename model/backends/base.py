@@ -22,7 +22,9 @@ B = batch, Hq / Hkv = query / key-value heads, T = queries, S = key slots, D = h
 - ``rotate_vision(x, cos, sin)``: the vision tower's half-wise RoPE;
 - ``quant_linear(x, qw, bias)``: a product with an int8 / int4 weight (model/quantize.py's
   ``QuantLinear`` and quantized expert banks);
-- ``vocab_logits(hidden, weight, packed)``: the projection to the vocabulary.
+- ``vocab_logits(hidden, weight, packed)``: the projection to the vocabulary;
+- ``parallel_parts()`` / ``map_parts(fn, parts)``: how many independent parts of a batch (the
+  pictures of a prefill) are worth running at once, and ``[fn(part) for part in parts]`` run so.
 
 Load time (``model/checkpoint/loading.py`` asks): ``maps_weights`` (weights may stay views of
 the memory-mapped files), ``packs(dtype)`` / ``pack(model)`` / ``pack_experts(experts)`` /
@@ -108,6 +110,14 @@ class Backend:
                      packed: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (B, T, H) -> logits (B, T, V); ``packed``: the weight in this backend's layout, or None."""
         return self.linear(hidden, weight)
+
+    def parallel_parts(self) -> int:
+        """Independent parts of a batch worth running at once (1: one after another)."""
+        return 1
+
+    def map_parts(self, fn, parts: list) -> list:
+        """``[fn(part) for part in parts]`` (a backend may run the parts at once; see ``parallel_parts``)."""
+        return [fn(part) for part in parts]
 
     # --- load time --------------------------------------------------------------------------
 

@@ -59,6 +59,12 @@ class CpuBackend(Backend):
     def vocab_logits(self, hidden, weight, packed=None):
         return packing.vocab_logits(hidden, weight, packed)
 
+    def parallel_parts(self) -> int:
+        return threads.part_workers()
+
+    def map_parts(self, fn, parts):
+        return threads.map_parts(fn, parts)
+
     def packs(self, dtype: torch.dtype) -> bool:
         return dtype == torch.bfloat16 and packing.packing_pays()
 

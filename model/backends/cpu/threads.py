@@ -19,6 +19,9 @@ memory speed by the GEMV kernels) keeps every core.
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 
@@ -45,3 +48,49 @@ def fit_threads(model) -> int | None:
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
     return 1
+
+
+# --- independent parts of a batch on the cores that intra-op threads leave idle ----------------------
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def part_workers() -> int:
+    """Parts of a batch worth running at once: the cores this process may use, when torch runs one
+    intra-op thread (a narrow model, see ``fit_threads``, or the user's OMP_NUM_THREADS=1); else 1,
+    since the intra-op threads already use the cores. A part runs whole on its thread (each
+    picture's products and attention), so a core another process holds slows that part only,
+    with no barrier to wait at per product."""
+    if torch.get_num_threads() != 1:
+        return 1
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def map_parts(fn: Callable[[Any], Any], parts: list) -> list:
+    """``[fn(part) for part in parts]``, the parts on ``part_workers()`` threads at once (the
+    caller's thread runs the first; autograd's mode follows it into the others)."""
+    workers = min(part_workers(), len(parts))
+    if workers <= 1:
+        return [fn(part) for part in parts]
+    grad = torch.is_grad_enabled()
+    pool = _pool(workers - 1)
+    futures = [pool.submit(_with_grad_mode, grad, fn, part) for part in parts[1:]]
+    first = fn(parts[0])
+    return [first] + [f.result() for f in futures]
+
+
+def _with_grad_mode(grad: bool, fn: Callable[[Any], Any], part: Any) -> Any:
+    with torch.set_grad_enabled(grad):
+        return fn(part)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="ernie-parts")
+        return _POOL
