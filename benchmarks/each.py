@@ -6,7 +6,8 @@
 Writes ``--scenes`` generated pictures (scripts/shapes.py, seed 0) into a temporary folder, then
 runs the real command ``ernie describe --each FILES --model ernie-tiny --jsonl -v`` once per
 configuration per round, alternating which goes first, so that both see the same machine load.
-Each run is pinned to ``--cores`` CPU cores (sched_setaffinity; torch then uses that many threads). Figures per run:
+Each run is pinned to ``--cores`` CPU cores (sched_setaffinity; ernie-tiny itself runs one intra-op thread
+and uses the second core for preprocessing and a prefill's second part of pictures). Figures per run:
 files/s over the generation (what -v reports: answers / time from the first input to the last
 answer, model load excluded) and over the whole command (wall time, start-up and load
 included). The answers of every run must be identical to those of the first ``--batch-size 1``
