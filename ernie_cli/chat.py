@@ -270,7 +270,7 @@ def run_chat(media_refs: list[str], *, system, system_file, load: LoadOptions, m
             session.pending.append(_part(session.resolver.resolve(ref)))
         err = stderr_console()
         renderer = make_renderer(quiet=quiet, verbose=verbose, hide_thinking=hide_thinking)
-        renderer.status(f"Loading {load.model}…")
+        renderer.status(load.status_line())
         try:
             session.engine.load(load, media_options)
         finally:

@@ -100,7 +100,7 @@ def run_describe(media_refs: list[str], *, prompt, prompt_file, system, system_f
         conversation.append(user_message(describe_prompt(prompt, prompt_file, media, not uses_stdin, quiet), media))
         renderer = make_renderer(fmt, quiet=quiet, verbose=verbose, hide_thinking=hide_thinking)
         engine = make_engine(load.server)
-        renderer.status(f"Loading {load.model}…")
+        renderer.status(load.status_line())
         try:
             engine.load(load, media_options)
         finally:

@@ -82,11 +82,13 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> "Limits":
-        return cls(max_bytes=int(_env_number("ERNIE_MAX_DOWNLOAD_MB", 200) * 2**20),
-                   timeout=_env_number("ERNIE_URL_TIMEOUT", 30), deadline=_env_number("ERNIE_URL_DEADLINE", 300))
+        return cls(max_bytes=int(env_number("ERNIE_MAX_DOWNLOAD_MB", 200) * 2**20),
+                   timeout=env_number("ERNIE_URL_TIMEOUT", 30), deadline=env_number("ERNIE_URL_DEADLINE", 300))
 
 
-def _env_number(name: str, default: float) -> float:
+def env_number(name: str, default: float) -> float:
+    """A positive number from the environment variable ``name`` (``default`` when unset or empty);
+    anything else is a one-line ErnieError naming the variable."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default

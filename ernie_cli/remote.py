@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ernie_cli.engine import Status, _END, _Failure, ctrl_c_cancels
-from ernie_cli.media import sniff
+from ernie_cli.media import env_number, sniff
 from ernie_cli.openai_api import request_body
 from ernie_cli.settings import DEFAULT_MODEL, GenerationSettings, LoadOptions, MediaOptions, Message
 from model.errors import ErnieError
@@ -57,9 +57,11 @@ def api_base(url: str) -> str:
 
 
 def timeout_s() -> float:
-    import os
+    """$ERNIE_SERVER_TIMEOUT: the seconds any one read from the server may wait (default 600)."""
+    return env_number("ERNIE_SERVER_TIMEOUT", 600)
 
-    return float(os.environ.get("ERNIE_SERVER_TIMEOUT", "600"))
+
+MODELS_TIMEOUT_S = 30  # the model lookup waits at most this long (less when $ERNIE_SERVER_TIMEOUT is lower)
 
 
 class RemoteEngine:
@@ -68,11 +70,13 @@ class RemoteEngine:
         self.base = ""
         self.api_key: str | None = None
         self.load_s = 0.0
+        self.timeout = 600.0
 
     # --- loading: find the server and its model -----------------------------------------------------
     def load(self, options: LoadOptions, media: MediaOptions) -> None:
         start = time.perf_counter()
         self.base, self.api_key = api_base(options.server), options.api_key
+        self.timeout = timeout_s()  # a bad $ERNIE_SERVER_TIMEOUT stops here, before any request
         if options.model != DEFAULT_MODEL:
             self.name = options.model  # the user named the server's model: trust it, the server checks
         else:
@@ -80,7 +84,7 @@ class RemoteEngine:
         self.load_s = time.perf_counter() - start
 
     def _served_model(self) -> str:
-        with self._open("GET", "/models", None, timeout=30) as response:
+        with self._open("GET", "/models", None, timeout=min(MODELS_TIMEOUT_S, self.timeout)) as response:
             listing = _read_json(response, self.base)
         names = [m.get("id") for m in listing.get("data", []) if isinstance(m, dict) and m.get("id")]
         if not names:
@@ -120,7 +124,7 @@ class RemoteEngine:
         body = request_body(self.name, wire_messages(conversation), settings)
         encode_s = time.perf_counter() - start
         reader = _StreamReader(cancel)
-        with self._open("POST", "/chat/completions", body, timeout=timeout_s()) as response:
+        with self._open("POST", "/chat/completions", body, timeout=self.timeout) as response:
             state["response"] = response
             if response.headers.get_content_type() == "application/json":  # a server that ignored stream: true
                 yield from reader.feed(_read_json(response, self.base), self.base)

@@ -79,6 +79,12 @@ class LoadOptions:
     api_key: str | None = None  # its bearer key
     quantize: str | None = None  # "int8" / "int4": weight-only, quantized while loading
 
+    def status_line(self) -> str:
+        """What the spinner says while the model loads (or, with --server, while ernie finds it)."""
+        if not self.server:
+            return f"Loading {self.model}…"
+        return f"Connecting to {self.server}…" if self.model == DEFAULT_MODEL else f"Connecting to {self.server} ({self.model})…"
+
 
 @dataclass(frozen=True)
 class MediaOptions:

@@ -178,6 +178,41 @@ def test_unreachable_server_is_one_line(tmp_path):
     assert_one_line_error(proc, "cannot reach", f"127.0.0.1:{port}")
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "0", "inf"])
+@pytest.mark.parametrize("command", ["describe", "chat"])
+def test_a_bad_server_timeout_is_one_line(tmp_path, value, command):
+    args = [command, str(EXAMPLES / "shapes.png"), "--server", "http://127.0.0.1:9"]
+    proc = run_ernie(args, tmp_path, input="hello\n" if command == "chat" else None, ERNIE_SERVER_TIMEOUT=value)
+    assert_one_line_error(proc, "$ERNIE_SERVER_TIMEOUT must be a positive number", repr(value))
+
+
+def test_server_timeout_bounds_the_model_lookup(tmp_path):
+    """A server that accepts the connection and never answers: the lookup of its model gives up
+    after $ERNIE_SERVER_TIMEOUT seconds, not after a fixed 30."""
+    import socket
+    import time
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        start = time.monotonic()
+        proc = run_ernie(["describe", str(EXAMPLES / "shapes.png"), "--server", f"http://127.0.0.1:{port}"], tmp_path,
+                         timeout=60, ERNIE_SERVER_TIMEOUT="1")
+        elapsed = time.monotonic() - start
+    assert_one_line_error(proc, f"127.0.0.1:{port}")
+    assert elapsed < 20, elapsed
+
+
+def test_the_status_line_names_the_server_not_the_default_model():
+    from ernie_cli.settings import LoadOptions
+
+    url = "http://gpu-box:8000/v1"
+    assert LoadOptions(server=url).status_line() == f"Connecting to {url}…"
+    assert LoadOptions("m", server=url).status_line() == f"Connecting to {url} (m)…"
+    assert LoadOptions("ernie-tiny").status_line() == "Loading ernie-tiny…"
+
+
 @pytest.mark.parametrize("args, needle", [(["--server", "ftp://x"], "http(s) URL"),
                                           (["--thinking-budget", "5"], "thinking-budget")])
 def test_client_refuses_what_it_cannot_send(vllm, tmp_path, args, needle):
