@@ -296,8 +296,8 @@ def pull(model: Annotated[str, typer.Argument(help="Hub repo id, e.g. baidu/ERNI
 
 
 @_command("models")
-def models_(json: AsJson = False) -> None:
-    """List the models available offline: ernie-tiny and what is in the Hub cache."""
+def models_(json: Annotated[bool, _opt("--json", env="JSON", panel=OUT, help="Print one JSON array.")] = False) -> None:
+    """List the models available offline: ernie-tiny, the Hub cache and the folders `ernie quantize` wrote."""
     from ernie_cli.models_cmd import run_models
 
     run_models(as_json=json)

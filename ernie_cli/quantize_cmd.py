@@ -61,8 +61,11 @@ def run_quantize(model: str, outdir: Path, *, bits: int, group_size: int | None,
     check_memory(root, LoadOptions(model, device="cpu", quantize=f"int{bits}"))
     from model import load_pretrained
     from model.checkpoint.quantized import check_outdir, save_quantized
-    from model.quantize import QuantSpec
+    from model.quantize import QuantSpec, spec_from_config
 
+    stored = spec_from_config(json.loads((Path(root) / "config.json").read_text(encoding="utf-8")))
+    if stored is not None:
+        raise ErnieError(f"{root} is already quantized ({stored.name})", hint="quantize the original checkpoint")
     check_outdir(outdir, force)  # before minutes of quantizing
     try:
         spec = QuantSpec(bits, group_size or 0)
@@ -75,8 +78,9 @@ def run_quantize(model: str, outdir: Path, *, bits: int, group_size: int | None,
     save_quantized(quantized, Path(root), outdir, force=force)
     remember(outdir)
     if not quiet:
-        size, source = dir_bytes(outdir), sum(f.stat().st_size for f in Path(root).glob("*.safetensors"))
-        ratio = f" ({size / source:.2f}x of {human_bytes(source)})" if source else ""
+        weights, source = (sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) for d in (outdir, root))
+        ratio = f" ({weights / source:.2f}x of the original's {human_bytes(source)})" if source else ""
         print(f"wrote {spec.name} (group {spec.group_size}) in {time.perf_counter() - start:.1f} s: "
-              f"{human_bytes(size)}{ratio}; run it with --model {outdir}", file=sys.stderr)
+              f"{human_bytes(weights)} of weights{ratio}, {human_bytes(dir_bytes(outdir))} in all; "
+              f"run it with --model {outdir}", file=sys.stderr)
     print(outdir)

@@ -344,12 +344,14 @@ def _as_api_error(error: BaseException) -> ApiError:
         return ApiError(503, f"the server is busy: {error}", code="queue_full")
     if isinstance(error, ErnieError):
         hint = getattr(error, "hint", None)
+        if hint:  # the API's name for the answer's length
+            hint = hint.replace("max_new_tokens", "max_tokens")
         return ApiError(400, " ".join(str(error).split()) + (f" (hint: {hint})" if hint else ""))
     return ApiError(500, f"internal error: {type(error).__name__}: {error}")
 
 
 def _too_large(size: int, limit: int) -> ApiError:
-    return ApiError(413, f"the request body is {size / 2**20:.1f} MB, over the limit of {limit / 2**20:.0f} MB",
+    return ApiError(413, f"the request body is {size / 2**20:.3g} MB, over the limit of {limit / 2**20:.3g} MB",
                     code="request_too_large")
 
 

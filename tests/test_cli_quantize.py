@@ -30,6 +30,7 @@ def quantized(tmp_path_factory) -> dict[int, Path]:
         assert proc.returncode == 0, proc.stderr_text
         assert proc.stdout_text.strip() == str(base / f"int{bits}")
         assert f"wrote int{bits}" in proc.stderr_text
+        assert "of weights (0." in proc.stderr_text and "x of the original's" in proc.stderr_text  # weights to weights
         out[bits] = base / f"int{bits}"
     return out
 
@@ -130,6 +131,14 @@ def test_quantize_refuses_a_non_empty_outdir_and_bad_bits(tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "x").exists()
     proc = run_ernie(["quantize", "ernie-tiny", str(tmp_path / "x"), "--group-size", "48"], tmp_path)
     assert proc.returncode == 2 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("bits", ["4", "8"])
+def test_quantize_refuses_an_already_quantized_dir(quantized, tmp_path, bits):
+    proc = run_ernie(["quantize", str(quantized[4]), str(tmp_path / "again"), "--bits", bits], tmp_path)
+    assert_one_line_error(proc, "already quantized (int4)")
+    assert "hint: quantize the original checkpoint" in proc.stderr_text and "--quantize" not in proc.stderr_text
+    assert not (tmp_path / "again").exists()
 
 
 def test_a_quantized_dir_cannot_be_loaded_at_other_bits(quantized, tmp_path):

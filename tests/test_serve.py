@@ -214,7 +214,8 @@ BAD = {
                                        + __import__("base64").b64encode(png_with_declared_size(30000, 30000)).decode()))]},
              400, "pixels"),
     "image as video": ({"messages": [user("hi", ("video", _png_bytes_url()))]}, 400, "image"),
-    "over the context": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400, "context"),
+    "over the context": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400,
+                         "lower max_tokens to at most"),
     "unknown model": ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-9"),
     "too large": ({"messages": [{"role": "user", "content": "x" * (1 << 21)}]}, 413, "over the limit"),
 }
@@ -244,6 +245,13 @@ def test_api_key_is_enforced(served, headers, needle):
 def test_unknown_routes_get_json_errors(served, method, path, status):
     got, payload = request(served, method, path, key=KEY)
     assert got == status and payload["error"]["message"]
+
+
+def test_the_413_message_shows_small_limits():
+    from ernie_cli.serve import _too_large
+
+    message = _too_large(15_000, 10_485).message
+    assert "0.0143 MB" in message and "limit of 0.01 MB" in message, message
 
 
 def test_server_keeps_serving_after_errors(served):
