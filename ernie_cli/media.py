@@ -243,7 +243,13 @@ class _StoreFile:
         return len(chunk)
 
     def __exit__(self, kind, error, tb) -> None:
-        self._file.close()
+        try:
+            self._file.close()  # writes out the last buffered bytes: a full disk can fail here too
+        except OSError as e:
+            self.path.unlink(missing_ok=True)
+            if kind is None:
+                raise _store_error(e) from None
+            return  # the error already on its way says what went wrong
         if kind is None:
             try:
                 found = self._kind()

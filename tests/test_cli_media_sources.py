@@ -256,6 +256,33 @@ def test_endless_pipe_stops_at_the_limit_with_bounded_memory(tmp):
     assert_store_gone(cwd)
 
 
+@pytest.mark.parametrize("in_flight", [None, "limit"])
+def test_a_store_file_that_fails_to_close_is_a_media_error(tmp_path, in_flight):
+    """A full disk can fail the last buffered write at close(): that is the store's one-line
+    error too (it was an OSError traceback), or, with an error already on its way, that error;
+    the partial file is removed either way."""
+    from ernie_cli.media import _StoreFile
+    from model.errors import MediaError
+
+    class FullDisk:
+        def write(self, chunk):
+            return len(chunk)
+
+        def close(self):
+            raise OSError(27, "File too large")
+
+    path = tmp_path / "part"
+    with pytest.raises(MediaError) as caught:
+        with _StoreFile(path, "stdin") as sink:
+            sink._file.close()
+            sink._file = FullDisk()
+            sink.write(b"\x89PNG\r\n\x1a\n" + bytes(64))
+            if in_flight:
+                raise MediaError("stdin is larger than the limit")
+    assert ("larger than the limit" if in_flight else "cannot keep streamed media") in str(caught.value)
+    assert not path.exists()
+
+
 def test_store_that_cannot_grow_is_one_line(tmp):
     """A full disk under $TMPDIR, played by a 1000-block file size limit (ulimit -f)."""
     cwd, env = tmp
