@@ -254,11 +254,6 @@ typedef struct {
     int64_t NG;      /* K / G: scales per row (a division kept out of the loops) */
 } job;
 
-#ifdef __AVX512F__
-typedef __m512 facc;
-static inline facc f_zero(void) { return _mm512_setzero_ps(); }
-static inline float f_sum(facc v) { return _mm512_reduce_add_ps(v); }
-
 /* zero-point terms, bias, and the store of R rows' results */
 static inline __attribute__((always_inline)) void finish_rows(const job *j, int64_t n, const int M, const int R,
                                                               float sums[4][MAX_ROWS]) {
@@ -273,6 +268,11 @@ static inline __attribute__((always_inline)) void finish_rows(const job *j, int6
         for (int m = 0; m < M; m++) store(j->y, j->y_f32, m * j->N + n + r, sums[r][m] + zacc[m] + b);
     }
 }
+
+#ifdef __AVX512F__
+typedef __m512 facc;
+static inline facc f_zero(void) { return _mm512_setzero_ps(); }
+static inline float f_sum(facc v) { return _mm512_reduce_add_ps(v); }
 
 /* mask of the bytes of chunk c that hold weights: all 64, or those of its first blocks at the end of a row */
 static inline __mmask64 chunk_bytes(int64_t c, int64_t nblocks, int bits) {
@@ -384,27 +384,7 @@ static inline __attribute__((always_inline)) void rows_kernel(const job *j, int6
 #else
 typedef __m256 facc;
 static inline facc f_zero(void) { return _mm256_setzero_ps(); }
-static inline float f_sum(facc v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
-/* zero-point terms, bias, and the store of R rows' results */
-static inline __attribute__((always_inline)) void finish_rows(const job *j, int64_t n, const int M, const int R,
-                                                              float sums[4][MAX_ROWS]) {
-    const int64_t NG = j->K / j->G;
-    for (int r = 0; r < R; r++) {
-        float zacc[MAX_ROWS] = {0};
-        if (j->Z)
-            for (int m = 0; m < M; m++) zacc[m] = half_dot(j->Z + (n + r) * NG, j->xs + m * NG, NG);
-        float b = !j->bias ? 0.0f
-                  : j->y_f32 ? ((const float *)j->bias)[n + r]
-                             : bf16_to_f32(((const uint16_t *)j->bias)[n + r]);
-        for (int m = 0; m < M; m++) store(j->y, j->y_f32, m * j->N + n + r, sums[r][m] + zacc[m] + b);
-    }
-}
+static inline float f_sum(facc v) { return sum8(v); }
 
 /* R rows of W from n against all M rows of x; inlined with constant M, R, BITS. Per block of 32
    columns: the int32 dot product, times the x block scale, into a group accumulator; at the
