@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import statistics
@@ -34,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from shapes import random_scene, render  # noqa: E402
+
+from _machine import cpu_name, load_average  # noqa: E402  (benchmarks/ is this script's folder)
 
 ERNIE = Path(sys.executable).with_name("ernie")
 RATE = re.compile(r"(\d+) answers in ([\d.]+) s \(([\d.]+) files/s, ([\d.]+) tokens/s\) · batch size (\d+)")
@@ -68,23 +69,6 @@ def run_each(command: list[str], files: list[Path], batch_size: int | None, core
     return {"batch_size": int(found.group(5)), "files": int(found.group(1)), "generation_s": float(found.group(2)),
             "files_per_s": float(found.group(3)), "tokens_per_s": float(found.group(4)), "wall_s": round(wall, 3),
             "wall_files_per_s": round(len(files) / wall, 3), "answers": answers}
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -33,6 +33,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _machine import cpu_name  # benchmarks/ is this script's folder
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 PROMPTS = {"image": ["Describe this image.", "What shapes are there?"],
@@ -149,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     workloads = ["describe", "chat"] if args.workload == "both" else [args.workload]
     server = Server([])
-    report = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+    report = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "load_average_before": os.getloadavg(),
                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
               "requests": 16, "rounds": args.rounds, "max_tokens": args.max_tokens}
@@ -202,16 +204,6 @@ def measure(server: Server, work: list[dict], rounds: int, name: str) -> dict:
             "speedup_per_round": [round(p, 2) for p in pairs], "speedup_target": 3.0,
             "http_overhead_ms_median": round(overhead_ms, 2), "http_overhead_target_ms": 5.0,
             "answers_identical": True, "answers": answers[:4]}
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
