@@ -254,6 +254,13 @@ typedef struct {
     int64_t NG;      /* K / G: scales per row (a division kept out of the loops) */
 } job;
 
+/* log2(G / 32): G = 32 << group_shift_of(G) for the group sizes bad_shape admits */
+static inline int group_shift_of(int64_t G) {
+    int shift = 0;
+    while ((BLOCK << shift) < G) shift++;
+    return shift;
+}
+
 /* zero-point terms, bias, and the store of R rows' results */
 static inline __attribute__((always_inline)) void finish_rows(const job *j, int64_t n, const int M, const int R,
                                                               float sums[4][MAX_ROWS]) {
@@ -572,9 +579,7 @@ static int gemv(const void *x, int x_f32, int64_t M, int64_t K, const uint8_t *W
         return 2;
     }
     quantize_x(x, x_f32, M, K, Kp, G, bits, xq, sx, xs);
-    int group_shift = 0;
-    while ((BLOCK << group_shift) < G) group_shift++;
-    job j = {xq, sx, xs, K, Kp, G, N, bits == 8 ? K : K / 2, W, S, Z, bias, y, y_f32, group_shift, K / G};
+    job j = {xq, sx, xs, K, Kp, G, N, bits == 8 ? K : K / 2, W, S, Z, bias, y, y_f32, group_shift_of(G), K / G};
     block_fn fn = (bits == 8 ? BLOCKS8 : BLOCKS4)[M];
     int64_t nblocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
     if (nthreads <= 1 || nblocks < 2 || N * K < MIN_PARALLEL) {
@@ -719,9 +724,7 @@ int q_moe1(const void *x, int64_t H, int64_t I, int64_t nk, const int64_t *exper
     int8_t *aq = xq + Hp;
     float *sx = fbuf, *xs = sx + sxh, *h = xs + H / Ggu, *sa = h + nk * 2 * I, *as = sa + nk * sxi, *d = as + nk * (I / Gd);
     quantize_x(x, 0, 1, H, Hp, Ggu, bits, xq, sx, xs);
-    int group_shift_gu = 0, group_shift_d = 0;
-    while ((BLOCK << group_shift_gu) < Ggu) group_shift_gu++;
-    while ((BLOCK << group_shift_d) < Gd) group_shift_d++;
+    const int group_shift_gu = group_shift_of(Ggu), group_shift_d = group_shift_of(Gd);
     job gu[MOE_MAX_K], dn[MOE_MAX_K];
     for (int64_t k = 0; k < nk; k++) {
         int64_t e = experts[k];
