@@ -3,6 +3,8 @@
 with settings of their own. Also the per-row KV-cache slots and masks it relies on.
 """
 
+import threading
+
 import pytest
 import torch
 
@@ -262,3 +264,17 @@ def test_a_held_request_is_admitted_after_max_hold_s(ernie):
     scheduler.submit(PROMPTS["text"], config)
     assert scheduler.wait_for_work(5.0)  # wakes once the hold has passed
     assert any(isinstance(e, RequestDone) for e in scheduler.step())
+
+
+def test_wake_ends_a_wait_at_once_even_one_called_before_the_wait(ernie):
+    scheduler = Scheduler(ernie, max_batch=2)
+    returned = []
+    waiter = threading.Thread(target=lambda: returned.append(scheduler.wait_for_work(60.0)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()  # nothing to do: it waits
+    scheduler.wake()
+    waiter.join(10.0)
+    assert not waiter.is_alive() and returned == [False]  # woken, well before its 60 s
+    scheduler.wake()  # while no thread waits (the scheduling thread inside step, say) ...
+    assert scheduler.wait_for_work(60.0) is False  # ... the next wait returns at once

@@ -149,6 +149,7 @@ class Scheduler:
         self._cache: StaticKVCache | None = None
         self._waiting: deque[Request] = deque()
         self._lock = threading.Condition()
+        self._woken = False  # wake() was called: wait_for_work returns
         self._ids = itertools.count()
 
     # --- from any thread ---------------------------------------------------------------------------
@@ -179,7 +180,8 @@ class Scheduler:
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Block until ``step`` has something to do: a live row, or waiting requests it may admit
-        now (see ``min_admit``), or ``timeout`` passes; True when there is work."""
+        now (see ``min_admit``), or ``timeout`` passes, or ``wake()`` is called; True when there is
+        work."""
         deadline = None if timeout is None else time.perf_counter() + timeout
         with self._lock:
             while True:
@@ -189,12 +191,17 @@ class Scheduler:
                 left = None if deadline is None else deadline - time.perf_counter()
                 if left is not None and left <= 0:
                     return False
+                if self._woken:  # a wake() since the last return (maybe while ``step`` ran)
+                    self._woken = False
+                    return False
                 waits = [t for t in (left, hold if self._waiting else None) if t is not None]
                 self._lock.wait(min(waits) if waits else None)
 
     def wake(self) -> None:
-        """Wake a thread blocked in ``wait_for_work`` (after a cancel, or to make it stop)."""
+        """Make a thread blocked in ``wait_for_work`` return at once (after a cancel, or to make it
+        stop)."""
         with self._lock:
+            self._woken = True
             self._lock.notify_all()
 
     def end_of_input(self, ended: bool = True) -> None:
