@@ -1,7 +1,8 @@
 """`ernie describe --each`: one answer per media item, generated in batches, written in input order.
 
 Three threads: a prefetch thread resolves and preprocesses the next inputs (at most two batches
-ahead) and submits them; the scheduling thread of ``BatchRunner`` generates; the main thread
+ahead) and submits them, starting while the model's weights load (the processor loads first;
+what is ready when the model is goes first, in input order); the scheduling thread of ``BatchRunner`` generates; the main thread
 writes each answer as soon as every earlier input has been written, and draws the progress bar.
 A broken input becomes an error object and the run goes on. Ctrl-C writes what is finished
 and exits 130.
@@ -42,6 +43,10 @@ class Outcome:
         if self.error is not None:
             return {"path": self.ref, "error": self.error}
         return {"path": self.ref, **result_json(self.finished)}
+
+
+# Inputs prepared while the model loads, when --batch-size does not say (the default batch's cap).
+DEFAULT_AHEAD = 32
 
 
 # --- inputs ------------------------------------------------------------------------------------------
@@ -113,19 +118,22 @@ def run_describe_each(refs: list[str], *, prompt, prompt_file, system, system_fi
     if not todo:
         return writer.close()
     engine = make_engine()
+    run = EachRun(engine, todo, text, system_message, settings, writer, err,
+                  show_progress=err.is_terminal and not quiet, ahead=batch_size or DEFAULT_AHEAD)
     spinner = err.status(f"Loading {load.model}…", spinner="dots") if err.is_terminal and not quiet else None
     if spinner:
         spinner.start()
     try:
-        engine.load(load, media_options)
+        engine.load(load, media_options, on_processor=run.start_prefetch)  # the first inputs meanwhile
+    except BaseException:
+        run.abandon()
+        raise
     finally:
         if spinner:
             spinner.stop()
     rows = batch_size or engine.default_batch_size(settings)
-    run = EachRun(engine, todo, text, system_message, settings, rows, writer, err,
-                  show_progress=err.is_terminal and not quiet)
     start = time.perf_counter()
-    interrupted = run.run()
+    interrupted = run.run(rows)
     failed = sum(o.error is not None for o in run.written)
     if verbose and not quiet:
         took = time.perf_counter() - start
@@ -144,32 +152,57 @@ class EachRun:
     """One --each run: prefetch thread, batch runner, ordered writing (see the module docstring)."""
 
     def __init__(self, engine, refs: list[str], prompt: str | None, system_message, settings: GenerationSettings,
-                 batch_size: int, writer: "Writer", err, show_progress: bool):
+                 writer: "Writer", err, show_progress: bool, ahead: int = DEFAULT_AHEAD):
         self.engine, self.refs, self.prompt, self.system_message = engine, refs, prompt, system_message
-        self.settings, self.batch_size, self.writer, self.err = settings, batch_size, writer, err
+        self.settings, self.writer, self.err = settings, writer, err
         self.show_progress = show_progress
         self.results: queue.Queue = queue.Queue()  # (index, Outcome) as inputs end, in any order
-        self.room = threading.Semaphore(2 * batch_size)  # inputs submitted and not yet ended
+        self.ahead = ahead
+        self.room = threading.Semaphore(ahead)  # inputs prepared and not yet ended (2 x rows once running)
         self.stop = threading.Event()
         self.written: list[Outcome] = []
         self.runner_tokens = 0
+        self._runner = None  # set by run(); until then prepared inputs wait in _early
+        self._early: list[tuple[int, str, Any]] = []
+        self._handover = threading.Lock()
+        self._prefetched = False  # the prefetch thread has ended
+        self._prefetch = threading.Thread(target=self._prefetch_all, name="ernie-prefetch", daemon=True)
 
-    def run(self) -> bool:
-        """Generate and write everything; True when Ctrl-C cut it short."""
+    def start_prefetch(self) -> None:
+        """Start preparing inputs (the engine's processor must be loaded; the model need not be)."""
+        if self._prefetch.ident is None and not self.stop.is_set():  # not started yet
+            self._prefetch.start()
+
+    def abandon(self) -> None:
+        """The model did not load: stop preparing (its downloads cleaned up) and return."""
+        self.stop.set()
+        if self._prefetch.is_alive():
+            self._prefetch.join(10)
+
+    def run(self, batch_size: int) -> bool:
+        """Generate and write everything with ``batch_size`` rows; True when Ctrl-C cut it short."""
         from ernie_cli.batch import BatchRunner
 
-        runner = BatchRunner(self.engine, self.batch_size, on_done=self._ended,
-                             min_admit=max(1, self.batch_size // 2))  # throughput: prefill several at once
-        prefetch = threading.Thread(target=self._prefetch, args=(runner,), name="ernie-prefetch", daemon=True)
+        runner = BatchRunner(self.engine, batch_size, on_done=self._ended,
+                             min_admit=max(1, batch_size // 2))  # throughput: prefill several at once
         progress = Progress(self.err, len(self.refs)) if self.show_progress else None
+        with self._handover:  # what was prepared while the model loaded goes first, in order
+            self._runner = runner
+            for item in self._early:
+                self._submit(runner, *item)
+            self._early = []
+            if self._prefetched:
+                runner.end_of_input()
+        if 2 * batch_size > self.ahead:
+            self.room.release(2 * batch_size - self.ahead)
+        self.start_prefetch()
         ready: dict[int, Outcome] = {}
         try:
-            prefetch.start()
             while len(self.written) < len(self.refs):
                 try:
                     index, outcome = self.results.get(timeout=0.1)
                 except queue.Empty:
-                    if not runner.running and not prefetch.is_alive() and self.results.empty():
+                    if not runner.running and not self._prefetch.is_alive() and self.results.empty():
                         break  # the model failed and every input it held has been reported
                     continue
                 ready[index] = outcome
@@ -208,13 +241,17 @@ class EachRun:
         self.writer.write(outcome)
 
     # --- prefetch thread ----------------------------------------------------------------------------
-    def _prefetch(self, runner) -> None:
+    def _prefetch_all(self) -> None:
         try:
-            self._submit_all(runner)
+            self._submit_all()
         finally:
-            runner.end_of_input()
+            with self._handover:
+                self._prefetched = True
+                runner = self._runner
+            if runner is not None:  # else run() says it, after submitting what was prepared early
+                runner.end_of_input()
 
-    def _submit_all(self, runner) -> None:
+    def _submit_all(self) -> None:
         for index, ref in enumerate(self.refs):
             while not self.room.acquire(timeout=0.1):
                 if self.stop.is_set():
@@ -223,12 +260,26 @@ class EachRun:
                 return
             try:
                 prepared = self._prepare(ref)
-                runner.submit(prepared, tag=(index, ref))
             except Exception as e:  # noqa: BLE001 - any broken input becomes its error object
-                self.room.release()
-                if self.stop.is_set():
-                    return  # Ctrl-C: the runner refused it
-                self.results.put((index, Outcome(ref, error=_message(e))))
+                self._failed(index, ref, e)
+                continue
+            with self._handover:
+                runner = self._runner
+                if runner is None:  # the model is still loading
+                    self._early.append((index, ref, prepared))
+                    continue
+            self._submit(runner, index, ref, prepared)
+
+    def _submit(self, runner, index: int, ref: str, prepared) -> None:
+        try:
+            runner.submit(prepared, tag=(index, ref))
+        except Exception as e:  # noqa: BLE001 - too long for the context, or Ctrl-C stopped the runner
+            self._failed(index, ref, e)
+
+    def _failed(self, index: int, ref: str, error: BaseException) -> None:
+        self.room.release()
+        if not self.stop.is_set():  # after Ctrl-C the runner refuses everything; nothing to report
+            self.results.put((index, Outcome(ref, error=_message(error))))
 
     def _prepare(self, ref: str):
         resolver = MediaResolver()

@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from ernie_cli.media import MediaInput
 from ernie_cli.settings import GENERATION_THREAD, TINY_MODEL, GenerationSettings, LoadOptions, MediaOptions, Message
@@ -81,7 +81,11 @@ class TorchEngine:
         self.load_s = 0.0
 
     # --- loading ---------------------------------------------------------------------------------
-    def load(self, options: LoadOptions, media: MediaOptions) -> None:
+    def load(self, options: LoadOptions, media: MediaOptions,
+             on_processor: Callable[[], None] | None = None) -> None:
+        """Processor first, then the model. ``on_processor`` is called between the two (in this
+        thread): from then on ``prepare`` works, so that a caller can preprocess its first inputs
+        while the weights load (``describe --each``)."""
         from model.checkpoint.hub import resolve
 
         start = time.perf_counter()
@@ -93,11 +97,16 @@ class TorchEngine:
         from model import load_pretrained
         from processing.processor import ErnieVLProcessor
 
-        self.model = load_pretrained(str(root), dtype=options.dtype, device=options.device, offline=True,
-                                     quantize=options.quantize)
+        from model.config import ErnieVLConfig
+
+        ErnieVLConfig.from_file(Path(root) / "config.json")  # a missing or foreign config is named first
         self.processor = _with_media_options(ErnieVLProcessor.from_pretrained(root), media)
         self.base_config = GenerationConfig.from_file(root)
         self.name = options.model
+        if on_processor is not None:
+            on_processor()
+        self.model = load_pretrained(str(root), dtype=options.dtype, device=options.device, offline=True,
+                                     quantize=options.quantize)
         self.load_s = time.perf_counter() - start
 
     # --- generation ------------------------------------------------------------------------------
@@ -151,7 +160,7 @@ class TorchEngine:
         return Prepared(inputs, settings, self.generation_config(settings),
                         media_summary(self.processor, media, inputs), time.perf_counter() - start)
 
-    def default_batch_size(self, settings: GenerationSettings, cap: int = 16) -> int:
+    def default_batch_size(self, settings: GenerationSettings, cap: int = 32) -> int:
         """Rows for batched generation: as many as a quarter of the free memory holds KV caches
         for (one image at the processor's largest size, a prompt, the answer), at most ``cap``."""
         text, image = self.model.config.text, self.processor.image_config

@@ -255,3 +255,70 @@ def test_stdin_lists_skip_blank_lines_and_keep_spaces(tmp_path):
         "first.png", "a.png", "my photo.jpg", "https://x/y.png", "last.png"]
     with pytest.raises(ErnieError, match="only once"):
         read_inputs(["-", "-"], io.StringIO(""))
+
+
+def _each_run(engine, refs):
+    """An EachRun writing --jsonl into a string (in-process)."""
+    import io
+
+    from ernie_cli.each import EachRun, Writer
+    from ernie_cli.render import stderr_console
+    from ernie_cli.settings import GenerationSettings
+
+    out = io.StringIO()
+    run = EachRun(engine, refs, None, None, GenerationSettings(), Writer("jsonl", out), stderr_console(),
+                  show_progress=False, ahead=len(refs))
+    return run, out
+
+
+def test_inputs_prepared_while_the_model_loads_go_first_in_order(world, singles, monkeypatch):
+    """The processor loads before the weights and the first inputs are prepared meanwhile; when
+    every input is ready before the model, run() submits them in input order and says the input
+    has ended (no hold for companions that will never come)."""
+    from ernie_cli import batch
+    from ernie_cli.engine import TorchEngine
+    from ernie_cli.settings import LoadOptions, MediaOptions
+
+    ended = []
+    real_end = batch.BatchRunner.end_of_input
+    monkeypatch.setattr(batch.BatchRunner, "end_of_input", lambda self: (ended.append(True), real_end(self)))
+    refs = [str(world / f"scene{i}.png") for i in (2, 0, 1)] + [str(world / "notes.png")]
+    engine = TorchEngine()
+    run, out = _each_run(engine, refs)
+    seen_model = []
+
+    def processor_ready():
+        seen_model.append(engine.model)
+        run.start_prefetch()
+        run._prefetch.join(60)  # every input prepared (or failed) before the weights load
+
+    engine.load(LoadOptions("ernie-tiny", device="cpu"), MediaOptions(), on_processor=processor_ready)
+    assert seen_model == [None] and engine.model is not None
+    assert [ref for _, ref, _ in run._early] == refs[:3]  # notes.png failed at preparation
+    assert run.run(batch_size=2) is False
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["path"] for r in rows] == refs
+    assert [r["text"] for r in rows[:3]] == [singles[f"scene{i}.png"] for i in (2, 0, 1)]
+    assert "error" in rows[3] and ended == [True]
+
+
+def test_a_model_that_fails_to_load_stops_the_prefetch(world, tmp_path):
+    from ernie_cli.engine import TorchEngine
+    from ernie_cli.settings import LoadOptions, MediaOptions
+    from model.errors import ErnieError
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    tiny = Path(__import__("ernie_cli").__file__).parent / "assets" / "ernie-tiny"
+    for name in os.listdir(tiny):
+        if name != "model.safetensors":
+            (bad / name).write_bytes((tiny / name).read_bytes())
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    refs = [str(world / f"scene{i}.png") for i in range(N_SCENES)] * 20
+    engine = TorchEngine()
+    run, _ = _each_run(engine, refs)
+    with pytest.raises(ErnieError):
+        engine.load(LoadOptions(str(bad), device="cpu"), MediaOptions(), on_processor=run.start_prefetch)
+    run.abandon()
+    assert run._prefetch.ident is not None and not run._prefetch.is_alive()
+    assert len(run._early) < len(refs)  # it stopped, not prepared everything
