@@ -120,18 +120,18 @@ class BatchRunner:
 
     ``on_done(request)`` (optional) is called in the scheduling thread when a request ends.
     ``min_admit``: requests one prefill waits for (free rows, and waiting requests until
-    ``end_of_input`` or a short hold; see ``Scheduler``); 1 admits at once (lowest latency),
-    more batches prefills (throughput). The KV cache is capped at the engine's
+    ``end_of_input`` or ``max_hold_s``; see ``Scheduler``); 1 admits at once (lowest latency)
+    unless ``expect`` counts requests on their way, more batches prefills (throughput). The KV cache is capped at the engine's
     ``cache_token_budget()``: long requests that would exceed it wait for rows to end, and one
     that cannot fit at all is refused at ``submit`` with a ContextLengthError.
     """
 
     def __init__(self, engine, batch_size: int, on_done: Callable[[TextRequest], None] | None = None,
-                 min_admit: int = 1):
+                 min_admit: int = 1, max_hold_s: float = 0.5):
         from model.generation.scheduler import Scheduler
 
         self.engine = engine
-        self.scheduler = Scheduler(engine.model, max_batch=batch_size, min_admit=min_admit,
+        self.scheduler = Scheduler(engine.model, max_batch=batch_size, min_admit=min_admit, max_hold_s=max_hold_s,
                                    max_cache_tokens=engine.cache_token_budget())
         self._on_done = on_done
         self._requests: dict[int, TextRequest] = {}
@@ -142,12 +142,14 @@ class BatchRunner:
         self._thread = threading.Thread(target=self._run, name="ernie-scheduler", daemon=True)
         self._thread.start()
 
-    def submit(self, prepared: Prepared, tag: Any = None, sink: Callable[[Any], None] | None = None) -> TextRequest:
+    def submit(self, prepared: Prepared, tag: Any = None, sink: Callable[[Any], None] | None = None,
+               arrived: bool = False) -> TextRequest:
         """Queue one prepared conversation (raises ContextLengthError when it cannot fit).
         ``tag`` rides along on the request (``request.tag``) for the caller's bookkeeping.
         ``sink``, instead of ``events()``: called in the scheduling thread with each event as it
         happens, then ``None`` at the end (errors arrive as exceptions). ``ernie serve`` hands the
-        events straight to its event loop this way, with no thread per request."""
+        events straight to its event loop this way, with no thread per request. ``arrived``: one
+        of the requests ``expect`` counted (its count drops as it joins the queue)."""
         request = TextRequest(prepared, self.engine)
         request.tag = tag
         if sink is not None:
@@ -155,9 +157,14 @@ class BatchRunner:
         with self._lock:
             if self._closing or self.failure is not None:
                 raise ErnieError("the batch runner has stopped")
-            request.handle = self.scheduler.submit(prepared.inputs, prepared.config)
+            request.handle = self.scheduler.submit(prepared.inputs, prepared.config, arrived=arrived)
             self._requests[request.handle.id] = request
         return request
+
+    def expect(self, delta: int) -> None:
+        """Requests on their way (being received or prepared) change by ``delta``: the waiting ones
+        are held for them, at most ``max_hold_s`` (see ``Scheduler.expect``)."""
+        self.scheduler.expect(delta)
 
     def end_of_input(self) -> None:
         """Nothing more will be submitted: admit what waits without holding it for companions."""

@@ -36,6 +36,9 @@ from model.errors import ErnieError, MediaError
 
 GONE = object()  # the client disconnected
 PREPARERS = 2  # prompts built at once (see Server._preparers)
+# A request ready for the model waits at most this long for requests still being received or
+# prepared, so that a burst shares one prefill (a lone request never waits).
+BURST_HOLD_S = 0.05
 
 
 def _out(request) -> bool:
@@ -55,14 +58,15 @@ class Jobs:
     def __init__(self, engine, max_batch: int, max_queue: int):
         from ernie_cli.batch import BatchRunner
 
-        self.runner = BatchRunner(engine, max_batch)
+        self.runner = BatchRunner(engine, max_batch, max_hold_s=BURST_HOLD_S)
         self.max_batch, self.max_queue = max_batch, max_queue
         self._active: set = set()  # TextRequests not yet finished
         self._lock = threading.Lock()
         self._closing = False
 
-    def submit(self, prepared, emit):
-        """Queue a prepared conversation; its events go to `emit`. QueueFull, or ContextLengthError."""
+    def submit(self, prepared, emit, arriving: "_Arriving | None" = None):
+        """Queue a prepared conversation; its events go to `emit`. QueueFull, or ContextLengthError.
+        ``arriving``: its count of requests on their way, which drops as it joins the queue."""
         with self._lock:
             if self._closing:
                 raise QueueFull("the server is shutting down")
@@ -71,7 +75,10 @@ class Jobs:
                 raise QueueFull(f"{waiting} requests are already waiting (the queue holds {self.max_queue})")
             # the sink runs in the scheduling thread: it must not take self._lock (submit holds it
             # while the runner takes its own lock); None marks the end, which `done` tells as well
-            request = self.runner.submit(prepared, sink=lambda event: event is not None and emit(event))
+            request = self.runner.submit(prepared, sink=lambda event: event is not None and emit(event),
+                                         arrived=arriving is not None)
+            if arriving is not None:
+                arriving.take()  # the queue dropped its count (not when submit raised)
             self._active = {r for r in self._active if _out(r)} | {request}
         return request
 
@@ -80,7 +87,7 @@ class Jobs:
         with self._lock:
             self._active = {r for r in self._active if _out(r)}
             waiting, out = self.runner.scheduler.num_waiting, len(self._active)
-        return {"waiting": waiting, "running": max(out - waiting, 0)}
+        return {"waiting": waiting, "running": max(out - waiting, 0), "arriving": self.runner.scheduler.num_expected}
 
     def stop(self) -> None:
         """Cancel every request still out (answers end as 'interrupted') and stop the runner."""
@@ -90,6 +97,24 @@ class Jobs:
         for request in out:  # also those the scheduler was admitting when the shutdown came
             request.cancel()
         self.runner.close()
+
+
+class _Arriving:
+    """One request counted as on its way to the scheduler (``BatchRunner.expect``) until ``done()``."""
+
+    def __init__(self, runner):
+        self._runner = runner
+        self._counted = True
+        runner.expect(1)
+
+    def take(self) -> bool:
+        """Whether it was still counted; from now on it is not (the queue takes it over)."""
+        counted, self._counted = self._counted, False
+        return counted
+
+    def done(self) -> None:
+        if self.take():
+            self._runner.expect(-1)
 
 
 @dataclass(frozen=True)
@@ -152,6 +177,13 @@ class Server:
 
     async def chat_completions(self, request):
         self._check_key(request)
+        arriving = _Arriving(self.jobs.runner)  # on its way to the scheduler (see BURST_HOLD_S)
+        try:
+            return await self._answer(request, arriving)
+        finally:
+            arriving.done()
+
+    async def _answer(self, request, arriving: "_Arriving"):
         chat = parse_chat_request(await self._json(request))
         if chat.model is not None and chat.model not in self.names:
             raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves {self.names[0]!r}",
@@ -166,7 +198,7 @@ class Server:
             prepared = await self._prepare(chat, resolver)  # media read, prompt built: 400s end here
             resolver.cleanup()
             prepare_s = time.perf_counter() - start
-            client.request = self._submit(prepared, emit)
+            client.request = self._submit(prepared, emit, arriving)
             if chat.stream:
                 watcher.cancel()  # the streaming response listens for the disconnect itself
                 streaming = True
@@ -227,9 +259,9 @@ class Server:
             self._limiter = anyio.CapacityLimiter(PREPARERS)
         return self._limiter
 
-    def _submit(self, prepared, emit):
+    def _submit(self, prepared, emit, arriving: _Arriving):
         try:
-            return self.jobs.submit(prepared, emit)
+            return self.jobs.submit(prepared, emit, arriving)
         except QueueFull as e:
             raise ApiError(503, f"the server is busy: {e}; retry later", code="queue_full") from None
         except ErnieError as e:  # a prompt plus max_tokens over the context

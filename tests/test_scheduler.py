@@ -278,3 +278,39 @@ def test_wake_ends_a_wait_at_once_even_one_called_before_the_wait(ernie):
     assert not waiter.is_alive() and returned == [False]  # woken, well before its 60 s
     scheduler.wake()  # while no thread waits (the scheduling thread inside step, say) ...
     assert scheduler.wait_for_work(60.0) is False  # ... the next wait returns at once
+
+
+def test_requests_on_their_way_are_waited_for_and_share_one_prefill(ernie):
+    config = GenerationConfig(max_new_tokens=2, eos_token_id=(-1,))
+    scheduler = Scheduler(ernie, max_batch=4, min_admit=1, max_hold_s=60.0)
+    scheduler.expect(2)  # a server has accepted two requests and is preparing them
+    first = scheduler.submit(PROMPTS["text"], config, arrived=True)
+    assert scheduler.num_expected == 1
+    assert scheduler.step() == [] and not scheduler.wait_for_work(0.01)  # held for the other one
+    scheduler.submit(PROMPTS["image"], config, arrived=True)
+    assert scheduler.num_expected == 0 and scheduler.wait_for_work(0.01)
+    events = scheduler.step()
+    assert {e.request.id for e in events if isinstance(e, RequestStep) and e.index == 0} == {first.id, first.id + 1}
+    more, _ = run_all(scheduler)
+    done = {e.request.id: e for e in events + more if isinstance(e, RequestDone)}
+    assert done[first.id].token_ids == alone(ernie, PROMPTS["text"], config)[0]
+
+
+def test_a_request_on_its_way_holds_others_at_most_max_hold_s(ernie):
+    config = GenerationConfig(max_new_tokens=1, eos_token_id=(-1,))
+    scheduler = Scheduler(ernie, max_batch=4, min_admit=1, max_hold_s=0.05)
+    scheduler.expect(1)  # one that never arrives (a client still uploading, say)
+    scheduler.submit(PROMPTS["text"], config)
+    assert scheduler.wait_for_work(30.0)  # admitted once the hold has passed
+    assert any(isinstance(e, RequestDone) for e in scheduler.step())
+    scheduler.expect(-1)
+    assert scheduler.num_expected == 0
+
+
+def test_a_lone_request_is_admitted_at_once_and_a_full_batch_is_not_held(ernie):
+    config = GenerationConfig(max_new_tokens=1, eos_token_id=(-1,))
+    scheduler = Scheduler(ernie, max_batch=1, min_admit=1, max_hold_s=60.0)
+    scheduler.submit(PROMPTS["text"], config)
+    assert scheduler.wait_for_work(0.01)  # nothing on its way: no hold
+    scheduler.expect(1)
+    assert scheduler.wait_for_work(0.01)  # no free row for another one: holding would gain nothing

@@ -255,9 +255,13 @@ def test_the_413_message_shows_small_limits():
 
 
 def test_server_keeps_serving_after_errors(served):
-    for name in ("not json", "bomb", "over the context"):
+    for name in BAD:
         request(served, "POST", "/v1/chat/completions", BAD[name][0], key=KEY)
+    # a refused request is no longer counted as on its way (a later one would be held for it)
+    assert request(served, "GET", "/health")[1]["arriving"] == 0
     assert answer(served, image_message()) == "A red circle, a blue square and a green triangle."
+    assert request(served, "GET", "/health")[1] == {"status": "ok", "model": "ernie-tiny", "waiting": 0,
+                                                    "running": 0, "arriving": 0}
 
 
 # --- a server that answers for a long time: queue limits, disconnects, SIGTERM ---------------------------

@@ -122,9 +122,11 @@ class Scheduler:
     ``max_prefill_tokens`` bounds one prefill (rows x padded prompt length; one request always
     fits). ``min_admit``: a prefill waits until it can take this many requests, so that one
     prefill serves several (throughput; a prefill of one costs about twice as much per request
-    as one of eight); 1 admits at once (latency). It waits for this many free rows while
-    others decode, and for this many waiting requests, unless ``end_of_input()`` said that no
-    more are coming or the oldest has waited ``max_hold_s``. The cache is allocated at the
+    as one of eight); 1 admits at once (latency), except while ``expect()`` counts requests on
+    their way (a server preparing the rest of a burst): then the waiting ones are held for them,
+    at most ``max_hold_s``. Above 1 it waits for this many free rows while others decode, and
+    for this many waiting requests, unless ``end_of_input()`` said that no more are coming or
+    the oldest has waited ``max_hold_s``. The cache is allocated at the
     first admission and grows when a request needs more slots; ``max_cache_tokens`` (None: no
     cap) bounds its rows x slots (see the module docstring).
     """
@@ -142,6 +144,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_cache_tokens = max_cache_tokens
         self._more_coming = True
+        self._expected = 0  # requests on their way (see expect)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.default_config = default_config(model)
@@ -153,10 +156,12 @@ class Scheduler:
         self._ids = itertools.count()
 
     # --- from any thread ---------------------------------------------------------------------------
-    def submit(self, inputs: Mapping[str, Any], config: GenerationConfig | None = None) -> Request:
+    def submit(self, inputs: Mapping[str, Any], config: GenerationConfig | None = None,
+               arrived: bool = False) -> Request:
         """Queue one prompt: the processor's tensors for ONE conversation (``input_ids`` (1, P), and
         pixels and grids when it has media). Raises ContextLengthError when P + max_new_tokens is
-        over the model's context, or over ``max_cache_tokens``."""
+        over the model's context, or over ``max_cache_tokens``. ``arrived``: this is one of the
+        requests ``expect`` counted as on their way (the count drops as it joins the queue)."""
         config = config or self.default_config
         tensors = {k: v for k, v in inputs.items() if k in PREFILL_INPUTS and v is not None}
         ids = tensors.get("input_ids")
@@ -175,6 +180,8 @@ class Scheduler:
         request = Request(next(self._ids), tensors, config, P)
         with self._lock:
             self._waiting.append(request)
+            if arrived:
+                self._expected = max(self._expected - 1, 0)
             self._lock.notify_all()
         return request
 
@@ -211,6 +218,14 @@ class Scheduler:
             self._more_coming = not ended
             self._lock.notify_all()
 
+    def expect(self, delta: int) -> None:
+        """Requests on their way change by ``delta`` (+1 when a server accepts one, -1 once it is
+        submitted or has failed): with ``min_admit`` 1, waiting requests are held for those on
+        their way, at most ``max_hold_s``, so that a burst shares one prefill."""
+        with self._lock:
+            self._expected = max(self._expected + delta, 0)
+            self._lock.notify_all()
+
     @property
     def has_work(self) -> bool:
         return bool(self._waiting) or any(r is not None for r in self._rows)
@@ -218,6 +233,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def num_expected(self) -> int:
+        """Requests ``expect`` counts as on their way."""
+        return self._expected
 
     @property
     def num_live(self) -> int:
@@ -264,11 +284,13 @@ class Scheduler:
     def _hold_left(self) -> float:
         """Seconds the waiting requests are still held back for companions (0: admit them now).
         Called under the lock."""
-        if self.min_admit == 1 or not self._waiting:
-            return 0.0
-        if any(r.cancel_reason is not None for r in self._waiting):
-            return 0.0  # step drops them
+        if not self._waiting or any(r.cancel_reason is not None for r in self._waiting):
+            return 0.0  # (step drops cancelled ones)
         free = sum(r is None for r in self._rows)
+        if self.min_admit == 1:
+            if self._expected == 0 or len(self._waiting) >= free:
+                return 0.0  # nothing on its way, or no row left for it
+            return max(self._waiting[0].submitted_at + self.max_hold_s - time.perf_counter(), 0.0)
         if free < self.min_admit and free < self.max_batch:
             return self.max_hold_s  # rows are live: a decode step frees rows, not time
         if len(self._waiting) >= min(self.min_admit, free) or not self._more_coming:
