@@ -282,7 +282,7 @@ class EachRun:
             self.results.put((index, Outcome(ref, error=_message(error))))
 
     def _prepare(self, ref: str):
-        resolver = MediaResolver()
+        resolver = MediaResolver(decode_check=False)  # the processor decodes at once
         try:
             media = resolver.resolve(ref)
             conversation = [m for m in (self.system_message,) if m]

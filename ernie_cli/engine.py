@@ -14,6 +14,7 @@ module stays torch-free.
 
 from __future__ import annotations
 
+import copy
 import queue
 import signal
 import threading
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from ernie_cli.media import MediaInput
 from ernie_cli.settings import GENERATION_THREAD, TINY_MODEL, GenerationSettings, LoadOptions, MediaOptions, Message
-from model.errors import ErnieError, ModelNotFoundError
+from model.errors import ErnieError, MediaError, ModelNotFoundError
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -154,9 +155,12 @@ class TorchEngine:
             settings = replace(settings, think="thinking" in str(self.name).lower())
         start = time.perf_counter()
         media = [MediaInput(p.kind, Path(p.value), p.ref) for m in conversation for p in m.media]
-        inputs = self.processor.apply_chat_template(
-            [m.to_processor() for m in conversation], add_generation_prompt=True, tokenize=True, return_dict=True,
-            return_tensors="pt", enable_thinking=settings.think)
+        try:
+            inputs = self.processor.apply_chat_template(
+                [m.to_processor() for m in conversation], add_generation_prompt=True, tokenize=True,
+                return_dict=True, return_tensors="pt", enable_thinking=settings.think)
+        except MediaError as e:  # named by the user's reference, not a temporary copy's path
+            raise _named(e, media) from None
         return Prepared(inputs, settings, self.generation_config(settings),
                         media_summary(self.processor, media, inputs), time.perf_counter() - start)
 
@@ -324,6 +328,20 @@ def _drain(events: queue.Queue, cancel: threading.Event) -> Iterator[Any]:
         if isinstance(event, _Failure):
             raise event.error
         yield event
+
+
+def _named(error: MediaError, media: list[MediaInput]) -> MediaError:
+    """``error`` with every media file's path replaced by the reference the user gave for it."""
+    message, hint = str(error), error.hint
+    for item in media:
+        if item.source and str(item.path) != item.source:
+            message = message.replace(str(item.path), item.source)
+            hint = hint.replace(str(item.path), item.source) if hint else hint
+    if message == str(error) and hint == error.hint:
+        return error
+    renamed = copy.copy(error)  # the same class
+    renamed.args, renamed.hint = (message,), hint
+    return renamed
 
 
 def make_engine(backend: str = "torch") -> Engine:

@@ -121,9 +121,10 @@ class MediaResolver:
     success, an error, Ctrl-C, or SIGTERM/SIGHUP (turned into an exit while the resolver is open).
     """
 
-    def __init__(self, stdin: BinaryIO | None = None, limits: Limits | None = None):
+    def __init__(self, stdin: BinaryIO | None = None, limits: Limits | None = None, decode_check: bool = True):
         self._stdin = stdin
         self._limits = limits
+        self._decode = decode_check  # see check_file
         self._store: Path | None = None
         self._count = 0
         self._handlers: dict[int, object] = {}
@@ -156,7 +157,7 @@ class MediaResolver:
                              hint="download the file first and pass its path")
         path = Path(ref).expanduser()
         if not _is_stream(path):
-            return check_file(path, ref)
+            return check_file(path, ref, decode=self._decode)
         try:
             stream = open(path, "rb", buffering=0)  # a pipe can be read once: straight into the store
         except OSError as e:
@@ -189,7 +190,7 @@ class MediaResolver:
                                      "pipes and URLs; stopped reading there",
                                      hint="save it to a file and pass its path, or raise $ERNIE_MAX_DOWNLOAD_MB")
                 sink.write(chunk)
-        return check_file(sink.final_path, ref, label)
+        return check_file(sink.final_path, ref, label, decode=self._decode)
 
     def _from_url(self, url: str) -> MediaInput:
         limits = self.limits
@@ -198,7 +199,7 @@ class MediaResolver:
                 download(url, sink, max_bytes=limits.max_bytes, timeout=limits.timeout, deadline=limits.deadline)
             except DownloadError as e:
                 raise DownloadError(str(e), hint=DOWNLOAD_HINTS.get(e.cause, e.hint), cause=e.cause) from None
-        return check_file(sink.final_path, url)
+        return check_file(sink.final_path, url, decode=self._decode)
 
     def _new_path(self) -> Path:
         if self._store is None:
@@ -311,11 +312,13 @@ def _exit_on_termination() -> dict[int, object]:
     return replaced
 
 
-def check_file(path: Path, ref: str, label: str | None = None) -> MediaInput:
+def check_file(path: Path, ref: str, label: str | None = None, decode: bool = True) -> MediaInput:
     """Kind from content (not name), then a cheap decode so truncated files fail here.
 
     `ref` is what the user typed (kept as the media's source); `label` names it in errors
-    (default: `ref`; "stdin" for `-`).
+    (default: `ref`; "stdin" for `-`). `decode=False` skips the decode, for callers that build
+    the prompt right away (the processor decodes the file then, with errors of its own): a
+    server, and `describe --each`, whose model is loaded or loading already.
     """
     ref, source = label or ref, ref
     if not path.exists():
@@ -338,7 +341,8 @@ def check_file(path: Path, ref: str, label: str | None = None) -> MediaInput:
         raise MediaError(f"unsupported media type: {ref} is neither a known image nor video format",
                          hint="supported: PNG, JPEG, GIF, BMP, TIFF, WebP images; MP4, MOV, WebM, MKV, AVI videos")
     kind = found[0]
-    (_check_image if kind == "image" else _check_video)(path, ref)
+    if decode:
+        (_check_image if kind == "image" else _check_video)(path, ref)
     return MediaInput(kind, path, source)
 
 

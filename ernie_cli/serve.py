@@ -192,7 +192,7 @@ class Server:
         emit = _sink(asyncio.get_running_loop(), events)
         client = _Client()
         watcher = asyncio.ensure_future(_watch_disconnect(request, client, events))
-        resolver, streaming = MediaResolver(), False
+        resolver, streaming = MediaResolver(decode_check=False), False  # the processor decodes at once
         try:
             start = time.perf_counter()
             prepared = await self._prepare(chat, resolver)  # media read, prompt built: 400s end here

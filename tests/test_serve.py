@@ -214,6 +214,10 @@ BAD = {
                                        + __import__("base64").b64encode(png_with_declared_size(30000, 30000)).decode()))]},
              400, "pixels"),
     "image as video": ({"messages": [user("hi", ("video", _png_bytes_url()))]}, 400, "image"),
+    "truncated image": ({"messages": [user("hi", ("image", "data:image/png;base64," + __import__("base64").b64encode(
+        IMAGE.read_bytes()[:500]).decode()))]}, 400, "corrupt or truncated"),
+    "truncated video": ({"messages": [user("hi", ("video", "data:video/mp4;base64," + __import__("base64").b64encode(
+        VIDEO.read_bytes()[:3000]).decode()))]}, 400, "corrupt or truncated"),
     "over the context": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400,
                          "lower max_tokens to at most"),
     "unknown model": ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-9"),
@@ -228,6 +232,7 @@ def test_bad_request_gets_its_status_and_a_json_error(served, name):
     assert got == status, payload
     error = payload["error"]
     assert needle.lower() in error["message"].lower(), error
+    assert "ernie-media-" not in error["message"], error  # media are named as sent, not by a temporary copy
     assert set(error) == {"message", "type", "param", "code"}
 
 
