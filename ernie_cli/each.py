@@ -2,8 +2,9 @@
 
 Three threads: a prefetch thread resolves and preprocesses the next inputs (at most two batches
 ahead) and submits them, starting while the model's weights load (the processor loads first;
-what is ready when the model is goes first, in input order); the scheduling thread of ``BatchRunner`` generates; the main thread
-writes each answer as soon as every earlier input has been written, and draws the progress bar.
+what is ready when the model is goes first, in input order); the scheduling thread of
+``BatchRunner`` generates; the main thread writes each answer as soon as every earlier input
+has been written, and draws the progress bar.
 A broken input becomes an error object and the run goes on. Ctrl-C writes what is finished
 and exits 130.
 """
