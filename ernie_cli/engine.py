@@ -15,6 +15,7 @@ module stays torch-free.
 from __future__ import annotations
 
 import copy
+import os
 import queue
 import signal
 import threading
@@ -90,6 +91,7 @@ class TorchEngine:
         from model.checkpoint.hub import resolve
 
         start = time.perf_counter()
+        _size_media_cache()  # a bad $ERNIE_MEDIA_CACHE_MB fails here, before anything heavy
         root = resolve(str(resolve_model_ref(options.model)), revision=options.revision, offline=options.offline)
         from ernie_cli.memory import check_memory
 
@@ -237,6 +239,17 @@ class Prepared:
 
 GENERATE_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "moe_mm_token_type_ids", "pixel_values",
                    "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def _size_media_cache() -> None:
+    """The preprocessed-media cache (processing/media_cache.py) sized from $ERNIE_MEDIA_CACHE_MB."""
+    from processing.media_cache import MEDIA_CACHE, max_bytes_from_env
+
+    try:
+        MEDIA_CACHE.resize(max_bytes_from_env())
+    except ValueError:
+        raise ErnieError(f"$ERNIE_MEDIA_CACHE_MB must be a number of MB >= 0 (0 turns the cache off), found "
+                         f"{os.environ.get('ERNIE_MEDIA_CACHE_MB')!r}", hint="unset it for the default (512)") from None
 
 
 def _with_media_options(processor, media: MediaOptions):

@@ -14,7 +14,7 @@ Token types, as the model wants them:
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -108,7 +108,7 @@ class ErnieVLProcessor:
                 if item.kind == "image":
                     images.append(item.source)
                 else:
-                    videos.append(self.load_video(item.source, **{**sampling, **_sampling_options(item.options)}))
+                    videos.append(_VideoSource(item.source, {**sampling, **_sampling_options(item.options)}))
         inputs = self(text=prompts, images=images or None, videos=videos or None, return_tensors=return_tensors,
                       padding_side=padding_side, min_pixels=min_pixels, max_pixels=max_pixels,
                       video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels)
@@ -177,16 +177,36 @@ class ErnieVLProcessor:
         return load_video(source, self.video_config, fps=fps, num_frames=num_frames, max_frames=max_frames)
 
     def _images(self, images: Sequence, min_pixels: int | None, max_pixels: int | None):
-        from processing.image import load_image, preprocess_images
+        import torch
+
+        from processing.image import ImageBatch, load_image, preprocess_images
+        from processing.media_cache import MEDIA_CACHE
 
         cfg = _bounded(self.image_config, min_pixels, max_pixels)
-        return preprocess_images([load_image(s) for s in images], cfg)
+        shape = ("image", repr(cfg))
+        parts = [MEDIA_CACHE.get_or_make(s, shape, lambda s=s: preprocess_images([load_image(s)], cfg),
+                                         lambda b: _nbytes(b.pixel_values)) for s in images]
+        # new tensors (torch.cat copies): a cached entry is never handed out to be changed
+        return ImageBatch(pixel_values=torch.cat([b.pixel_values for b in parts]),
+                          image_grid_thw=torch.cat([b.image_grid_thw for b in parts]))
 
     def _videos(self, videos: Sequence, min_pixels: int | None, max_pixels: int | None):
-        from processing.video import preprocess_videos
+        import torch
+
+        from processing.media_cache import MEDIA_CACHE
+        from processing.video import VideoBatch, preprocess_videos
 
         cfg = _bounded(self.video_config, min_pixels, max_pixels)
-        return preprocess_videos([self.load_video(v) for v in videos], cfg)
+        parts = []
+        for v in videos:
+            source, options = (v.source, v.options) if isinstance(v, _VideoSource) else (v, {})
+            shape = ("video", repr(self.video_config), repr(cfg), repr(sorted(options.items())))  # sampling, sizing
+            parts.append(MEDIA_CACHE.get_or_make(
+                source, shape, lambda source=source, options=options: preprocess_videos(
+                    [self.load_video(source, **options)], cfg), lambda b: _nbytes(b.pixel_values_videos)))
+        return VideoBatch(pixel_values_videos=torch.cat([b.pixel_values_videos for b in parts]),
+                          video_grid_thw=torch.cat([b.video_grid_thw for b in parts]),
+                          timestamps=[list(t) for b in parts for t in b.timestamps])
 
     # --- token ids -------------------------------------------------------------------------------
 
@@ -245,6 +265,19 @@ class ErnieVLProcessor:
 
 def _as_list(ids) -> list:
     return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+
+
+@dataclass(frozen=True)
+class _VideoSource:
+    """A video to decode in ``_videos`` (where the decoded result may come from the media cache),
+    with the sampling options of its message."""
+
+    source: Any
+    options: dict
+
+
+def _nbytes(tensor) -> int:
+    return tensor.numel() * tensor.element_size() + 256  # and a little for the rest of the entry
 
 
 def _bounded(cfg, min_pixels: int | None, max_pixels: int | None):
