@@ -125,7 +125,8 @@ def run_describe_each(refs: list[str], *, prompt, prompt_file, system, system_fi
     if spinner:
         spinner.start()
     try:
-        engine.load(load, media_options, on_processor=run.start_prefetch)  # the first inputs meanwhile
+        engine.load(load, media_options, on_processor=run.start_prefetch,  # the first inputs meanwhile
+                    cache_media=False)  # each file is seen once
     except BaseException:
         run.abandon()
         raise

@@ -84,14 +84,16 @@ class TorchEngine:
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, options: LoadOptions, media: MediaOptions,
-             on_processor: Callable[[], None] | None = None) -> None:
+             on_processor: Callable[[], None] | None = None, cache_media: bool = True) -> None:
         """Processor first, then the model. ``on_processor`` is called between the two (in this
         thread): from then on ``prepare`` works, so that a caller can preprocess its first inputs
-        while the weights load (``describe --each``)."""
+        while the weights load (``describe --each``). ``cache_media=False``: no cache of
+        preprocessed media unless $ERNIE_MEDIA_CACHE_MB asks for one (a run that sees each file
+        once, whose entries would only take memory)."""
         from model.checkpoint.hub import resolve
 
         start = time.perf_counter()
-        _size_media_cache()  # a bad $ERNIE_MEDIA_CACHE_MB fails here, before anything heavy
+        _size_media_cache(cache_media)  # a bad $ERNIE_MEDIA_CACHE_MB fails here, before anything heavy
         root = resolve(str(resolve_model_ref(options.model)), revision=options.revision, offline=options.offline)
         from ernie_cli.memory import check_memory
 
@@ -241,12 +243,14 @@ GENERATE_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "moe_mm_t
                    "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
-def _size_media_cache() -> None:
-    """The preprocessed-media cache (processing/media_cache.py) sized from $ERNIE_MEDIA_CACHE_MB."""
+def _size_media_cache(by_default: bool = True) -> None:
+    """The preprocessed-media cache (processing/media_cache.py) sized from $ERNIE_MEDIA_CACHE_MB;
+    when that is unset, its default size, or off unless ``by_default``."""
     from processing.media_cache import MEDIA_CACHE, max_bytes_from_env
 
     try:
-        MEDIA_CACHE.resize(max_bytes_from_env())
+        unset = not os.environ.get("ERNIE_MEDIA_CACHE_MB", "").strip()
+        MEDIA_CACHE.resize(0 if unset and not by_default else max_bytes_from_env())
     except ValueError:
         raise ErnieError(f"$ERNIE_MEDIA_CACHE_MB must be a number of MB >= 0 (0 turns the cache off), found "
                          f"{os.environ.get('ERNIE_MEDIA_CACHE_MB')!r}", hint="unset it for the default (512)") from None

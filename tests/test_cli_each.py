@@ -322,3 +322,23 @@ def test_a_model_that_fails_to_load_stops_the_prefetch(world, tmp_path):
     run.abandon()
     assert run._prefetch.ident is not None and not run._prefetch.is_alive()
     assert len(run._early) < len(refs)  # it stopped, not prepared everything
+
+
+def test_each_keeps_no_preprocessed_media_unless_asked(world, monkeypatch):
+    """Every file is seen once: the cache of preprocessed media stays off (its entries would only
+    take memory), unless $ERNIE_MEDIA_CACHE_MB asks for one."""
+    from ernie_cli.engine import TorchEngine
+    from ernie_cli.settings import LoadOptions, MediaOptions
+    from processing.media_cache import MEDIA_CACHE
+
+    monkeypatch.delenv("ERNIE_MEDIA_CACHE_MB", raising=False)
+    try:
+        TorchEngine().load(LoadOptions("ernie-tiny", device="cpu"), MediaOptions(), cache_media=False)
+        assert MEDIA_CACHE.max_bytes == 0
+        monkeypatch.setenv("ERNIE_MEDIA_CACHE_MB", "64")
+        TorchEngine().load(LoadOptions("ernie-tiny", device="cpu"), MediaOptions(), cache_media=False)
+        assert MEDIA_CACHE.max_bytes == 64 * 2**20
+    finally:
+        monkeypatch.delenv("ERNIE_MEDIA_CACHE_MB", raising=False)
+        TorchEngine().load(LoadOptions("ernie-tiny", device="cpu"), MediaOptions())
+    assert MEDIA_CACHE.max_bytes == 512 * 2**20
