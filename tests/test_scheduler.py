@@ -242,6 +242,15 @@ def test_min_admit_waits_for_free_rows_and_changes_no_answer(ernie):
         assert done[handle.id].token_ids == alone(ernie, prompt, config)[0]
 
 
+def _check_one_prefill_for_both(ernie, scheduler, first, config):
+    """The next step prefills ``first`` and the request after it together; both answer as alone."""
+    events = scheduler.step()
+    assert {e.request.id for e in events if isinstance(e, RequestStep) and e.index == 0} == {first.id, first.id + 1}
+    more, _ = run_all(scheduler)
+    done = {e.request.id: e for e in events + more if isinstance(e, RequestDone)}
+    assert done[first.id].token_ids == alone(ernie, PROMPTS["text"], config)[0]
+
+
 def test_min_admit_holds_a_lone_request_until_companions_or_end_of_input(ernie):
     config = GenerationConfig(max_new_tokens=2, eos_token_id=(-1,))
     scheduler = Scheduler(ernie, max_batch=4, min_admit=3, max_hold_s=60.0)
@@ -251,11 +260,7 @@ def test_min_admit_holds_a_lone_request_until_companions_or_end_of_input(ernie):
     assert scheduler.step() == [] and scheduler.num_live == 0
     scheduler.end_of_input()  # no more coming: the two go together
     assert scheduler.wait_for_work(0.01)
-    events = scheduler.step()
-    assert {e.request.id for e in events if isinstance(e, RequestStep) and e.index == 0} == {first.id, first.id + 1}
-    more, _ = run_all(scheduler)
-    done = {e.request.id: e for e in events + more if isinstance(e, RequestDone)}
-    assert done[first.id].token_ids == alone(ernie, PROMPTS["text"], config)[0]
+    _check_one_prefill_for_both(ernie, scheduler, first, config)
 
 
 def test_a_held_request_is_admitted_after_max_hold_s(ernie):
@@ -289,11 +294,7 @@ def test_requests_on_their_way_are_waited_for_and_share_one_prefill(ernie):
     assert scheduler.step() == [] and not scheduler.wait_for_work(0.01)  # held for the other one
     scheduler.submit(PROMPTS["image"], config, arrived=True)
     assert scheduler.num_expected == 0 and scheduler.wait_for_work(0.01)
-    events = scheduler.step()
-    assert {e.request.id for e in events if isinstance(e, RequestStep) and e.index == 0} == {first.id, first.id + 1}
-    more, _ = run_all(scheduler)
-    done = {e.request.id: e for e in events + more if isinstance(e, RequestDone)}
-    assert done[first.id].token_ids == alone(ernie, PROMPTS["text"], config)[0]
+    _check_one_prefill_for_both(ernie, scheduler, first, config)
 
 
 def test_a_request_on_its_way_holds_others_at_most_max_hold_s(ernie):
