@@ -17,6 +17,7 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Callable
 
 DEFAULT_MAX_BYTES = 512 * 2**20
@@ -87,6 +88,8 @@ class MediaCache:
         path = Path(source)
         try:
             stat = path.stat()
+            if not S_ISREG(stat.st_mode):
+                return None  # a pipe or device can be read once: the loader's
             identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
             with self._lock:
                 known = self._digests.get(identity)

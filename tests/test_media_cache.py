@@ -137,3 +137,18 @@ def test_the_size_comes_from_the_environment():
 def test_a_bad_cache_size_is_a_one_line_error(tmp_path):
     proc = run_ernie(["describe", str(IMAGE), "--model", "ernie-tiny"], tmp_path, ERNIE_MEDIA_CACHE_MB="lots")
     assert_one_line_error(proc, "ERNIE_MEDIA_CACHE_MB", "lots")
+
+
+def test_a_pipe_is_left_to_the_loader(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(b"data"))
+    writer.start()
+    try:
+        assert MediaCache().digest(fifo) is None  # reading it would take what the loader needs
+        assert fifo.read_bytes() == b"data"
+    finally:
+        writer.join(5)
