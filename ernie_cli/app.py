@@ -268,6 +268,9 @@ def serve(
                                    help="Most requests decoded together.", min=1)] = 16,
     queue_size: Annotated[int, _opt("--queue-size", env="QUEUE_SIZE", panel=SERVE,
                                     help="Most requests waiting; more get 503.", min=1)] = 64,
+    batch_wait: Annotated[float, _opt("--batch-wait", env="BATCH_WAIT", panel=SERVE,
+                                      help="Most milliseconds a request ready for the model waits for others "
+                                           "still arriving, to share their prefill.", min=0.0)] = 50.0,
     max_request_mb: Annotated[float, _opt("--max-request-mb", env="MAX_REQUEST_MB", panel=SERVE,
                                           help="Largest request body; larger get 413.", min=0.001)] = 64.0,
     grace: Annotated[float, _opt("--grace", env="GRACE", panel=SERVE,
@@ -283,7 +286,8 @@ def serve(
     run_serve(LoadOptions(model, revision, device.value, dtype.value, offline or None,
                           quantize=quantize and quantize.value),
               MediaOptions(fps, max_frames, not no_timestamps, max_pixels),
-              ServeOptions(host, port, api_key, max_batch, queue_size, max_request_mb, grace, verbose, media_urls))
+              ServeOptions(host, port, api_key, max_batch, queue_size, max_request_mb, grace, verbose, media_urls,
+                           batch_wait_s=batch_wait / 1000))
 
 
 @_command()

@@ -36,9 +36,6 @@ from model.errors import ErnieError, MediaError
 
 GONE = object()  # the client disconnected
 PREPARERS = 2  # prompts built at once (see Server._preparers)
-# A request ready for the model waits at most this long for requests still being received or
-# prepared, so that a burst shares one prefill (a lone request never waits).
-BURST_HOLD_S = 0.05
 
 
 def _out(request) -> bool:
@@ -55,10 +52,12 @@ class Jobs:
     a bound on waiting requests, events handed from the scheduling thread to the event loop, and
     cancellation of everything still out at shutdown."""
 
-    def __init__(self, engine, max_batch: int, max_queue: int):
+    def __init__(self, engine, max_batch: int, max_queue: int, batch_wait_s: float = 0.05):
         from ernie_cli.batch import BatchRunner
 
-        self.runner = BatchRunner(engine, max_batch, max_hold_s=BURST_HOLD_S)
+        # a request ready for the model waits at most batch_wait_s for requests still being received
+        # or prepared, so that a burst shares one prefill (a lone request never waits)
+        self.runner = BatchRunner(engine, max_batch, max_hold_s=batch_wait_s)
         self.max_batch, self.max_queue = max_batch, max_queue
         self._active: set = set()  # TextRequests not yet finished
         self._lock = threading.Lock()
@@ -128,6 +127,7 @@ class ServeOptions:
     grace_s: float = 10.0
     verbose: bool = False
     fetch_urls: bool = True  # fetch http(s) media URLs; off: only data: URLs are accepted
+    batch_wait_s: float = 0.05  # see Jobs
 
 
 def require_serve_extra() -> None:
@@ -177,7 +177,7 @@ class Server:
 
     async def chat_completions(self, request):
         self._check_key(request)
-        arriving = _Arriving(self.jobs.runner)  # on its way to the scheduler (see BURST_HOLD_S)
+        arriving = _Arriving(self.jobs.runner)  # on its way to the scheduler (see Jobs)
         try:
             return await self._answer(request, arriving)
         finally:
@@ -442,7 +442,7 @@ def run_serve(load, media_options, options: ServeOptions) -> None:
     engine = make_engine()
     print(f"Loading {load.model}…", file=sys.stderr, flush=True)
     engine.load(load, media_options)
-    jobs = Jobs(engine, options.max_batch, options.max_queue)
+    jobs = Jobs(engine, options.max_batch, options.max_queue, options.batch_wait_s)
     server = Server(engine, jobs, options, [load.model])
     try:
         received = _serve(server, options)

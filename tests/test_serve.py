@@ -419,3 +419,12 @@ def test_serve_without_the_extra_is_a_one_line_error_with_the_pip_hint(tmp_path)
     assert proc.returncode == 1 and TRACEBACK not in proc.stderr
     assert proc.stderr.splitlines() == ["error: `ernie serve` needs starlette, which is not installed",
                                         "hint: pip install 'ernie-cli[serve]'"]
+
+
+def test_batch_wait_is_a_serve_option_and_refuses_negative_values(tmp_path):
+    from ernie_cli.serve import ServeOptions
+
+    assert ServeOptions().batch_wait_s == 0.05
+    proc = run_ernie(["serve", "--model", "ernie-tiny", "--batch-wait", "-1"], tmp_path)
+    assert proc.returncode == 2 and "--batch-wait" in proc.stderr_text and TRACEBACK not in proc.stderr_text
+    assert "--batch-wait" in run_ernie(["serve", "--help"], tmp_path).stdout_text
