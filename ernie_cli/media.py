@@ -353,7 +353,8 @@ def _check_image(path: Path, ref: str) -> None:
         with Image.open(path) as image:
             image.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad data
-        raise MediaError(f"{ref} is a truncated or corrupt image ({e})", hint="re-export or re-download it") from None
+        raise MediaError(f"{ref} is a truncated or corrupt image ({_without_path(e, path, ref)})",
+                         hint="re-export or re-download it") from None
 
 
 def _check_video(path: Path, ref: str) -> None:
@@ -369,5 +370,10 @@ def _check_video(path: Path, ref: str) -> None:
     except StopIteration:
         raise MediaError(f"{ref} is a video without a single decodable frame", hint="re-encode or re-download it") from None
     except Exception as e:  # av raises its own error tree for broken containers
-        raise MediaError(f"{ref} is a truncated or corrupt video ({type(e).__name__}: {e})",
+        raise MediaError(f"{ref} is a truncated or corrupt video ({type(e).__name__}: {_without_path(e, path, ref)})",
                          hint="re-encode or re-download it") from None
+
+
+def _without_path(error: Exception, path: Path, ref: str) -> str:
+    """The decoder's message with the file named as the user named it (not a temporary copy's path)."""
+    return str(error).replace(str(path), ref)

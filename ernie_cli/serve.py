@@ -413,7 +413,7 @@ def resolve_media(chat: ChatRequest, resolver: MediaResolver, fetch_urls: bool =
             found = resolver.resolve(ref.url)
         if found.kind != ref.kind:
             raise MediaError(f"{part.source} is {'an image' if found.kind == 'image' else 'a video'} but was sent "
-                             f"as {ref.kind}_url", hint=f"send it as a {found.kind}_url part")
+                             f"as {ref.kind}_url", hint=f"send it as {'an' if found.kind == 'image' else 'a'} {found.kind}_url part")
         part.value = str(found.path)
 
 

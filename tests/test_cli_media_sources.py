@@ -352,6 +352,15 @@ def test_store_removed_after_an_error_once_the_media_were_stored(tmp):
     assert_store_gone(cwd)
 
 
+@pytest.mark.parametrize("kind, cut", [("image", 300), ("video", 2000)])
+def test_truncated_media_on_stdin_are_named_stdin_not_by_their_temporary_copy(tmp, kind, cut):
+    cwd, env = tmp
+    proc = run_ernie(["describe", "-", *TINY], cwd, input=MEDIA[kind].read_bytes()[:cut], **env)
+    message = assert_one_line_error(proc, "stdin", "truncated or corrupt")
+    assert "ernie-media-" not in proc.stderr_text, message
+    assert_store_gone(cwd)
+
+
 def _store_files(cwd: Path) -> list[Path]:
     return list((cwd / "tmp").glob("ernie-media-*/media*"))
 
