@@ -121,8 +121,8 @@ class BatchRunner:
     ``on_done(request)`` (optional) is called in the scheduling thread when a request ends.
     ``min_admit``: requests one prefill waits for (free rows, and waiting requests until
     ``end_of_input`` or ``max_hold_s``; see ``Scheduler``); 1 admits at once (lowest latency)
-    unless ``expect`` counts requests on their way, more batches prefills (throughput). The KV cache is capped at the engine's
-    ``cache_token_budget()``: long requests that would exceed it wait for rows to end, and one
+    unless ``expect`` counts requests on their way, more batches prefills (throughput). The KV
+    cache is capped at the engine's ``cache_token_budget()``: long requests that would exceed it wait for rows to end, and one
     that cannot fit at all is refused at ``submit`` with a ContextLengthError.
     """
 

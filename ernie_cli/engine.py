@@ -249,8 +249,7 @@ def _size_media_cache(by_default: bool = True) -> None:
     from processing.media_cache import MEDIA_CACHE, max_bytes_from_env
 
     try:
-        unset = not os.environ.get("ERNIE_MEDIA_CACHE_MB", "").strip()
-        MEDIA_CACHE.resize(0 if unset and not by_default else max_bytes_from_env())
+        MEDIA_CACHE.resize(max_bytes_from_env() if by_default else max_bytes_from_env(default=0))
     except ValueError:
         raise ErnieError(f"$ERNIE_MEDIA_CACHE_MB must be a number of MB >= 0 (0 turns the cache off), found "
                          f"{os.environ.get('ERNIE_MEDIA_CACHE_MB')!r}", hint="unset it for the default (512)") from None

@@ -412,8 +412,9 @@ def resolve_media(chat: ChatRequest, resolver: MediaResolver, fetch_urls: bool =
         else:
             found = resolver.resolve(ref.url)
         if found.kind != ref.kind:
-            raise MediaError(f"{part.source} is {'an image' if found.kind == 'image' else 'a video'} but was sent "
-                             f"as {ref.kind}_url", hint=f"send it as {'an' if found.kind == 'image' else 'a'} {found.kind}_url part")
+            article = "an" if found.kind == "image" else "a"
+            raise MediaError(f"{part.source} is {article} {found.kind} but was sent as {ref.kind}_url",
+                             hint=f"send it as {article} {found.kind}_url part")
         part.value = str(found.path)
 
 

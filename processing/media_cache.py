@@ -113,12 +113,12 @@ class MediaCache:
             self._bytes -= size
 
 
-def max_bytes_from_env(value: str | None = None) -> int:
-    """``ERNIE_MEDIA_CACHE_MB`` in bytes (default 512 MB; 0 turns the cache off). ValueError on a
-    value that is not a number >= 0."""
+def max_bytes_from_env(value: str | None = None, default: int = DEFAULT_MAX_BYTES) -> int:
+    """``ERNIE_MEDIA_CACHE_MB`` in bytes (``default`` when unset or empty; 0 turns the cache off).
+    ValueError on a value that is not a number >= 0."""
     raw = os.environ.get("ERNIE_MEDIA_CACHE_MB") if value is None else value
     if raw is None or not raw.strip():
-        return DEFAULT_MAX_BYTES
+        return default
     mb = float(raw)
     if not mb >= 0 or mb == float("inf"):
         raise ValueError(raw)

@@ -372,14 +372,13 @@ class Scheduler:
             return
         slots = self._slots_for(needed)
         cache = StaticKVCache(self.model.config.text, self._rows_for(slots), slots, self.dtype, self.device)
-        live = [r for r in self._rows if r is not None]
+        live = [(i, r) for i, r in enumerate(self._rows) if r is not None]
         if old is not None:
-            for dst, src in enumerate(i for i, r in enumerate(self._rows) if r is not None):
-                n = self._rows[src].length
+            for dst, (src, row) in enumerate(live):
                 for layer in range(old.num_layers):
-                    cache.keys[layer][dst, :, :n] = old.keys[layer][src, :, :n]
-                    cache.values[layer][dst, :, :n] = old.values[layer][src, :, :n]
-        self._rows = live + [None] * (self.max_batch - len(live))
+                    cache.keys[layer][dst, :, :row.length] = old.keys[layer][src, :, :row.length]
+                    cache.values[layer][dst, :, :row.length] = old.values[layer][src, :, :row.length]
+        self._rows = [r for _, r in live] + [None] * (self.max_batch - len(live))
         self._cache = cache
 
     def _slots_for(self, needed: int) -> int:
