@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image
@@ -169,7 +170,21 @@ def test_matches_reference_golden(name):
     assert batch.image_grid_thw.tolist() == arrays[f"{name}/grid"].tolist()
     expected = _normalise_rows(arrays[f"{name}/pixels"])
     assert batch.pixel_values.shape == expected.shape
-    assert np.abs(batch.pixel_values.numpy() - expected).max() < 1e-3
+    if PIL.__version__.split(".")[0] == MANIFEST["versions"]["pillow"].split(".")[0]:
+        assert np.abs(batch.pixel_values.numpy() - expected).max() < 1e-3
+        return
+    # Another Pillow major version resizes differently. Measured against these goldens (made with
+    # Pillow 13.0) with Pillow 10.1, 10.4, 11.0, 11.3 and 12.0: two cases differ, in 26-28% of
+    # their values, by at most 4 levels of 255, 0.29 on average; the others are exact. The live
+    # reference tests below still compare exactly, on whatever Pillow is installed.
+    levels = _levels(batch.pixel_values.numpy() - expected)
+    assert levels.max() <= 4 and levels.mean() <= 0.35, (levels.max(), levels.mean())
+
+
+def _levels(diff: np.ndarray) -> np.ndarray:
+    """Normalised differences of channel-major rows -> absolute differences in 0..255 levels."""
+    std = np.repeat(np.array(ImageProcessorConfig().image_std), diff.shape[1] // 3)
+    return np.abs(diff * std * 255).round(3)
 
 
 def _normalise_rows(rows: np.ndarray) -> np.ndarray:

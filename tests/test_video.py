@@ -163,6 +163,75 @@ def test_missing_font_falls_back_with_a_warning():
     assert np.array_equal(out[60:], frame[60:])
 
 
+def _stamped_whole(frame: np.ndarray, text: str, font_path: str) -> np.ndarray:
+    """Stamping as the reference does it: the whole frame through Pillow, a fresh font."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.fromarray(frame)
+    size = int(min(image.size) * V.STAMP_SIZE_FACTOR)
+    ImageDraw.Draw(image).text((0, 0), text, font=ImageFont.truetype(font_path, size), fill=(0, 0, 0),
+                               stroke_width=int(size * V.STAMP_SIZE_FACTOR), stroke_fill=(255, 255, 255))
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize("shape", [(10, 12), (12, 300), (128, 160), (200, 300), (400, 50), (720, 1280)])
+def test_stamping_the_corner_gives_the_bytes_of_stamping_the_whole_frame(shape):
+    rng = np.random.default_rng(shape[0])
+    frame = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    original = frame.copy()
+    for text in ("time: 00:00:00.00", "time: 01:02:05.25", "time: 00:00:00.00"):  # the last: masks kept
+        expected = _stamped_whole(frame, text, FONT)
+        assert np.array_equal(stamp_frame(frame, text, FONT), expected), (shape, text)
+        inplace = frame.copy()
+        V.stamp_in_place(inplace, text, FONT)
+        assert np.array_equal(inplace, expected), (shape, text)
+    assert np.array_equal(frame, original)  # stamp_frame leaves its input alone
+
+
+def test_text_masks_are_rendered_once_and_bounded(monkeypatch):
+    from PIL import ImageFont
+
+    store = V._MaskStore(max_bytes=10 ** 9)
+    monkeypatch.setattr(V, "_STAMP_MASKS", store)
+    renders = []
+    original = ImageFont.FreeTypeFont.getmask2
+    monkeypatch.setattr(ImageFont.FreeTypeFont, "getmask2",
+                        lambda self, *a, **k: renders.append(a[0]) or original(self, *a, **k))
+    frame = np.full((120, 200, 3), 90, np.uint8)
+    first = stamp_frame(frame, "time: 00:00:03.00", FONT)
+    rendered = len(renders)
+    assert rendered >= 2  # the outline and the fill
+    for _ in range(3):
+        assert np.array_equal(stamp_frame(frame, "time: 00:00:03.00", FONT), first)
+    assert len(renders) == rendered  # kept
+    stamp_frame(frame, "time: 00:00:04.00", FONT)
+    assert len(renders) == 2 * rendered  # another text is rendered
+    stamp_frame(np.full((240, 400, 3), 90, np.uint8), "time: 00:00:03.00", FONT)
+    assert len(renders) == 3 * rendered  # another size too
+
+    small = V._MaskStore(max_bytes=100)
+    small.put("a", "A", 60)
+    small.put("b", "B", 30)
+    assert small.get("a") == "A"  # now the most recent
+    small.put("c", "C", 30)  # over 100: the least recently used ("b") goes
+    assert (small.get("a"), small.get("b"), small.get("c")) == ("A", None, "C")
+    small.put("huge", "H", 101)  # larger than the whole store: not kept, nothing evicted
+    assert small.get("huge") is None and small.get("a") == "A"
+
+
+def test_stamping_from_several_threads_matches_one_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(7)
+    frames = [rng.integers(0, 256, (96 + 8 * i, 160, 3), dtype=np.uint8) for i in range(12)]
+    texts = [format_timestamp(i * 0.5) for i in range(12)]
+    expected = [_stamped_whole(f, t, FONT) for f, t in zip(frames, texts)]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda ft: stamp_frame(ft[0], ft[1], FONT), zip(frames, texts)))
+            assert all(np.array_equal(g, e) for g, e in zip(got, expected))
+
+
 def _video(frames: np.ndarray, fps: float = 10.0) -> DecodedVideo:
     n = len(frames)
     return DecodedVideo(frames=frames, indices=list(range(n)), timestamps=[i / fps for i in range(n)],
