@@ -189,7 +189,7 @@ class Server:
             raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves {self.names[0]!r}",
                            param="model", code="model_not_found")
         events: asyncio.Queue = asyncio.Queue()
-        emit = _sink(asyncio.get_running_loop(), events)
+        emit = _sink(asyncio.get_running_loop(), events, deltas=chat.stream)
         client = _Client()
         watcher = asyncio.ensure_future(_watch_disconnect(request, client, events))
         resolver, streaming = MediaResolver(decode_check=False), False  # the processor decodes at once
@@ -328,9 +328,15 @@ class Server:
         return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
 
 
-def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
-    """An event-forwarding thread's way into this request's queue (a no-op once the loop has closed)."""
+def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, deltas: bool = True):
+    """An event-forwarding thread's way into this request's queue (a no-op once the loop has closed).
+    ``deltas=False`` (an answer sent whole): the text and thinking deltas stay behind, since the
+    Finished event carries the whole text; each forwarded event wakes the event loop."""
+    from processing.events import TextDelta, ThinkingDelta
+
     def emit(event) -> None:
+        if not deltas and isinstance(event, (TextDelta, ThinkingDelta)):
+            return
         try:
             loop.call_soon_threadsafe(events.put_nowait, event)
         except RuntimeError:  # the event loop is closed: the server is gone, nobody listens

@@ -271,11 +271,19 @@ def _collect(frames, indices: list[int], width: int, height: int, name: str) -> 
     wanted = {i: slot for slot, i in enumerate(indices)}
     out = np.empty((len(indices), height, width, 3), dtype=np.uint8)
     kept = 0
+    to_rgb = None
     for i, frame in enumerate(frames):
         if i > indices[-1]:
             break
         if i in wanted:
-            rgb = frame.to_ndarray(format="rgb24") if hasattr(frame, "to_ndarray") else frame
+            if hasattr(frame, "reformat"):  # a PyAV frame
+                if to_rgb is None:  # one converter for the video: each frame's own would set one up per frame
+                    from av.video.reformatter import VideoReformatter
+
+                    to_rgb = VideoReformatter()
+                rgb = to_rgb.reformat(frame, format="rgb24").to_ndarray()
+            else:
+                rgb = frame
             if rgb.shape != out.shape[1:]:
                 raise MediaError(f"Expected every frame of {name} to be {width}x{height}, found "
                                  f"{rgb.shape[1]}x{rgb.shape[0]} at frame {i}.",

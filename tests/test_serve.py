@@ -259,6 +259,27 @@ def test_the_413_message_shows_small_limits():
     assert "0.0143 MB" in message and "limit of 0.01 MB" in message, message
 
 
+def test_an_answer_sent_whole_does_not_wake_the_loop_per_token():
+    import asyncio
+
+    from ernie_cli.serve import _sink
+    from processing.events import Finished, TextDelta, ThinkingDelta
+
+    async def forwarded(deltas: bool) -> list:
+        events: asyncio.Queue = asyncio.Queue()
+        emit = _sink(asyncio.get_running_loop(), events, deltas=deltas)
+        done = Finished("stop", None, "ab", None, {})
+        for event in (ThinkingDelta("t"), TextDelta("a"), TextDelta("b"), done):
+            emit(event)
+        await asyncio.sleep(0)
+        return [events.get_nowait() for _ in range(events.qsize())]
+
+    whole = asyncio.run(forwarded(False))
+    assert [type(e).__name__ for e in whole] == ["Finished"]
+    streamed = asyncio.run(forwarded(True))
+    assert [type(e).__name__ for e in streamed] == ["ThinkingDelta", "TextDelta", "TextDelta", "Finished"]
+
+
 def test_server_keeps_serving_after_errors(served):
     for name in BAD:
         request(served, "POST", "/v1/chat/completions", BAD[name][0], key=KEY)
