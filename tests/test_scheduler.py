@@ -3,6 +3,7 @@
 with settings of their own. Also the per-row KV-cache slots and masks it relies on.
 """
 
+import random
 import threading
 
 import pytest
@@ -13,7 +14,7 @@ from model.errors import ContextLengthError
 from model.generation.generate import Done, GenerationConfig, stream_generate
 from model.generation.kv_cache import StaticKVCache
 from model.attention import build_attention_mask
-from model.generation.scheduler import RequestDone, RequestStep, Scheduler
+from model.generation.scheduler import RequestDone, RequestStep, Scheduler, prefill_groups
 from tests.test_generate import PROMPTS, ernie, mm_inputs  # noqa: F401  (ernie is a fixture)
 
 EOS = 2
@@ -151,6 +152,58 @@ def test_a_failing_prefill_fails_only_its_request(ernie):
     assert done[broken.id].reason == "error" and "patches" in str(done[broken.id].error)
     assert done[good1.id].token_ids == alone(ernie, PROMPTS["text"], config)[0]
     assert done[good2.id].token_ids == alone(ernie, PROMPTS["video"], config)[0]
+
+
+def _partitions(items):
+    """Every way to split ``items`` into groups."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for split in _partitions(rest):
+        yield [[first]] + split
+        for i in range(len(split)):
+            yield split[:i] + [[first] + split[i]] + split[i + 1:]
+
+
+def _padded_cost(groups, lengths, split):
+    return sum(len(g) * max(lengths[i] for i in g) + split for g in groups)
+
+
+def test_prefill_groups_pad_least_for_their_count():
+    assert prefill_groups([1500] + [30] * 15, 256) == [[0], list(range(1, 16))]
+    assert prefill_groups([40, 41, 39, 40], 256) == [[0, 1, 2, 3]]  # near-equal: one prefill
+    assert prefill_groups([5, 900, 5, 900], 0) == [[0, 2], [1, 3]]  # each run in admission order
+    assert prefill_groups([], 256) == []
+    rng = random.Random(3)
+    for _ in range(60):  # the least cost over every possible split, not only runs of sorted lengths
+        lengths = [rng.choice([3, 10, 40, 41, 200, 900]) for _ in range(rng.randint(1, 7))]
+        split = rng.choice([0, 16, 256, 2000])
+        groups = prefill_groups(lengths, split)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert groups == sorted(groups) and all(g == sorted(g) for g in groups)
+        best = min(_padded_cost(p, lengths, split) for p in _partitions(list(range(len(lengths)))))
+        assert _padded_cost(groups, lengths, split) == best, (lengths, split, groups)
+
+
+def test_a_long_prompt_is_prefilled_apart_from_short_ones_and_answers_stay(ernie, monkeypatch):
+    import model.generation.scheduler as scheduling
+
+    monkeypatch.setattr(scheduling, "PREFILL_SPLIT_TOKENS", 4)
+    config = GenerationConfig(max_new_tokens=4, eos_token_id=(-1,))
+    prompts = [text_prompt(3, 50), text_prompt(60, 40), text_prompt(2, 70), text_prompt(4, 80)]
+    scheduler = Scheduler(ernie, max_batch=4)
+    prefills = []
+    original = scheduler._prefill
+    scheduler._prefill = lambda group, slots, events: (prefills.append([r.prompt_tokens for r in group]),
+                                                       original(group, slots, events))
+    handles = [scheduler.submit(p, config) for p in prompts]
+    events = scheduler.step()  # all four admitted in one step ...
+    assert {e.request.id for e in events if isinstance(e, RequestStep)} == {h.id for h in handles}
+    assert prefills == [[4, 3, 5], [61]]  # ... in two prefills: the short ones are not padded to 61
+    _, done = run_all(scheduler)
+    for handle, prompt in zip(handles, prompts):
+        assert done[handle.id].token_ids == alone(ernie, prompt, config)[0]
 
 
 def test_the_cache_grows_for_a_longer_request_and_keeps_live_rows(ernie):
