@@ -291,7 +291,7 @@ def run_info(model: str, revision: str | None, offline: bool | None, as_json: bo
     t, p = summary["text"], summary["parameters"]
     lines = [
         f"model         {model}",
-        f"format        {summary['format']}" + (f", {human_bytes(summary['size_on_disk_bytes'])} on disk"
+        f"format        {summary['format']}" + (f", weights {human_bytes(summary['size_on_disk_bytes'])} on disk"
                                                  if summary["size_on_disk_bytes"] else ""),
         f"parameters    {human_count(p['total'])} total, {human_count(p['active_per_text_token'])} active per text token "
         f"(vision {human_count(p['vision'])})",
