@@ -412,19 +412,28 @@ def _load_font(font_path: str | None, size: int) -> ImageFont.FreeTypeFont | Ima
 
 
 class _MaskKeepingFont(ImageFont.FreeTypeFont):
-    """A TrueType font that keeps the text masks it renders, shared by all threads. The sampled
-    frames' times repeat from video to video (``time: 00:00:01.00`` for every clip sampled at 1
-    fps), and rendering the outlined text is most of the cost of stamping a small frame."""
+    """A TrueType font that keeps the text masks it renders (and the boxes it measures), shared by
+    all threads. The sampled frames' times repeat from video to video (``time: 00:00:01.00`` for
+    every clip sampled at 1 fps), and rendering the outlined text is most of the cost of stamping
+    a small frame."""
 
     def getmask2(self, text, *args, **kwargs):
         mode = args[0] if args else kwargs.get("mode", "")
         if mode == "RGBA":  # a colour mask, which Pillow changes after rendering: not kept
             return super().getmask2(text, *args, **kwargs)
-        key = (self.path, self.size, self.index, text, _frozen(args), _frozen(sorted(kwargs.items())))
+        key = ("mask", self.path, self.size, self.index, text, _frozen(args), _frozen(sorted(kwargs.items())))
         found = _STAMP_MASKS.get(key)
         if found is None:
             found = super().getmask2(text, *args, **kwargs)
             _STAMP_MASKS.put(key, found, found[0].size[0] * found[0].size[1])
+        return found
+
+    def getbbox(self, text, *args, **kwargs):
+        key = ("box", self.path, self.size, self.index, text, _frozen(args), _frozen(sorted(kwargs.items())))
+        found = _STAMP_MASKS.get(key)
+        if found is None:
+            found = super().getbbox(text, *args, **kwargs)
+            _STAMP_MASKS.put(key, found, 64)
         return found
 
 
