@@ -1,13 +1,21 @@
 """`ernie serve` on ernie-tiny: 16 concurrent greedy requests against the same 16 one after another,
 and the HTTP layer's share of a request.
 
-    python benchmarks/serve.py [--rounds 3] [--max-tokens N] [--out benchmarks/serve-results.json]
+    python benchmarks/serve.py [--rounds 3] [--workload all] [--max-tokens N] [--out benchmarks/serve-results.json]
 
 It starts the real server (`ernie serve --model ernie-tiny --port 0`) as a subprocess and talks to
-it over HTTP from this process, as a client would. The 16 requests are the examples/ picture and
-clips with four prompts, greedy. Each round times the 16 one after another and the 16 at once
-(all started together from 16 threads), alternating which goes first, and checks that the two
-give identical answers. Targets (issue 22): concurrent at least 3x faster than sequential.
+it over HTTP from this process, as a client would. Each round times the 16 one after another and
+the 16 at once (all started together from 16 threads), alternating which goes first, and checks
+that the two give identical answers. Targets (issue 22): concurrent at least 3x faster than
+sequential. Workloads:
+
+* chat: 16 text conversations (some with an earlier exchange);
+* describe: the examples/ picture and two clips, sent again and again with four prompts, by a
+  server with its defaults: after the first requests their preprocessing comes from the media
+  cache, on both sides alike (as when a chat client resends a conversation's pictures);
+* fresh: 16 different pictures and clips of the examples' sizes (made here with
+  scripts/shapes.py), by a second server with the media cache off (ERNIE_MEDIA_CACHE_MB=0): every
+  request decodes, stamps and patches its media, and batching shares only the model's work.
 
 The HTTP layer's share: for every sequential request, the client's wall time minus the time the
 server reports in its `Server-Timing` header for building the prompt (`prepare`: decoding the
@@ -28,6 +36,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -61,13 +70,17 @@ def chat_bodies(max_tokens: int | None) -> list[dict]:
     return out
 
 
-def describe_bodies(max_tokens: int | None) -> list[dict]:
+def describe_bodies(max_tokens: int | None, fresh_dir: Path | None = None) -> list[dict]:
+    """16 requests with a picture or a clip: the examples' three in turn, or with ``fresh_dir``,
+    16 different ones made there (fresh_media)."""
     media = [("image", "image/png", EXAMPLES / "shapes.png"),
              ("video", "video/mp4", EXAMPLES / "red-circle-left-to-right.mp4"),
              ("video", "video/mp4", EXAMPLES / "blue-square-top-to-bottom.mp4")]
+    if fresh_dir is not None:
+        media = fresh_media(fresh_dir)
     out = []
     for i in range(16):
-        kind, mime, path = media[i % 3]
+        kind, mime, path = media[i % len(media)]
         url = f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
         content = [{"type": "text", "text": PROMPTS[kind][i % 2]}, {"type": f"{kind}_url", f"{kind}_url": {"url": url}}]
         body = {"model": "ernie-tiny", "messages": [{"role": "user", "content": content}], "temperature": 0}
@@ -77,11 +90,36 @@ def describe_bodies(max_tokens: int | None) -> list[dict]:
     return out
 
 
+def fresh_media(out_dir: Path) -> list[tuple[str, str, Path]]:
+    """16 different pictures (224x160, three shapes) and clips (160x128, 3 s at 10 fps): the
+    examples' formats and sizes, other shapes, colours and directions. In the examples' order:
+    a picture, then two clips."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import shapes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colours, media = list(shapes.COLOURS), []
+    for i in range(16):
+        if i % 3 == 0:
+            trio = [colours[(i + k) % len(colours)] for k in range(3)]
+            scene = shapes.Scene(224, 160, (240, 240, 240), tuple(
+                shapes.Shape(kind, colour, shapes.COLOURS[colour], x, y, size)
+                for kind, colour, (x, y, size) in zip(shapes.KINDS[i % 3:] + shapes.KINDS[:i % 3], trio,
+                                                      ((44.0, 70.0, 52.0), (112.0, 96.0, 48.0), (180.0, 66.0, 56.0)))))
+            media.append(("image", "image/png", shapes.save_image(scene, out_dir / f"scene{i}.png")))
+        else:
+            clip = shapes.example_clip(shapes.KINDS[i % 3], colours[i % len(colours)],
+                                       shapes.DIRECTIONS[i % len(shapes.DIRECTIONS)])
+            media.append(("video", "video/mp4", shapes.save_video(clip, out_dir / f"clip{i}.mp4")))
+    return media
+
+
 class Server:
-    def __init__(self, extra: list[str]):
+    def __init__(self, extra: list[str], env: dict[str, str] | None = None):
         ernie = Path(sys.executable).with_name("ernie")
         self.proc = subprocess.Popen([str(ernie), "serve", "--model", "ernie-tiny", "--port", "0", *extra],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env={**os.environ, **(env or {})})
         self.port = None
         for raw in self.proc.stderr:
             line = raw.decode()
@@ -145,22 +183,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=None, help="answer length (default: the checkpoint's)")
-    parser.add_argument("--workload", choices=("describe", "chat", "both"), default="both",
-                        help="describe: the examples' picture and clips (prefill-heavy); chat: text conversations")
+    parser.add_argument("--workload", choices=("describe", "chat", "fresh", "all"), default="all",
+                        help="describe: the examples' picture and clips again and again (prefill-heavy); chat: text "
+                             "conversations; fresh: 16 different pictures and clips, media cache off (see above)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
-    workloads = ["describe", "chat"] if args.workload == "both" else [args.workload]
-    server = Server([])
+    workloads = ["describe", "chat", "fresh"] if args.workload == "all" else [args.workload]
     report = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "load_average_before": os.getloadavg(),
-                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                          "ernie_media_cache_mb": os.environ.get("ERNIE_MEDIA_CACHE_MB")},
               "requests": 16, "rounds": args.rounds, "max_tokens": args.max_tokens}
-    try:
-        for name in workloads:
-            work = (describe_bodies if name == "describe" else chat_bodies)(args.max_tokens)
-            report[name] = measure(server, work, args.rounds, name)
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory() as scratch:
+        server = Server([]) if {"describe", "chat"} & set(workloads) else None
+        try:
+            for name in ("describe", "chat"):
+                if name in workloads:
+                    work = (describe_bodies if name == "describe" else chat_bodies)(args.max_tokens)
+                    report[name] = measure(server, work, args.rounds, name)
+        finally:
+            if server is not None:
+                server.stop()
+        if "fresh" in workloads:
+            work = describe_bodies(args.max_tokens, fresh_dir=Path(scratch))
+            server = Server([], env={"ERNIE_MEDIA_CACHE_MB": "0"})
+            try:
+                report["fresh"] = measure(server, work, args.rounds, "fresh")
+            finally:
+                server.stop()
     report["machine"]["load_average_after"] = os.getloadavg()
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
