@@ -451,12 +451,23 @@ def run_serve(load, media_options, options: ServeOptions) -> None:
     engine.load(load, media_options)
     jobs = Jobs(engine, options.max_batch, options.max_queue, options.batch_wait_s)
     server = Server(engine, jobs, options, [load.model])
+    _freeze_startup_objects()
     try:
         received = _serve(server, options)
     finally:
         jobs.stop()
     if received == signal.SIGINT:
         sys.exit(130)
+
+
+def _freeze_startup_objects() -> None:
+    """Leave what start-up made (modules, the model, the tokenizer) out of the garbage collector's
+    full passes: a full pass walked them all, a 90 ms pause in the middle of some request every
+    few hundred requests (ernie-tiny). What is made from now on is still collected as usual."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def _serve(server: Server, options: ServeOptions) -> int | None:

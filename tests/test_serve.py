@@ -449,3 +449,34 @@ def test_batch_wait_is_a_serve_option_and_refuses_negative_values(tmp_path):
     proc = run_ernie(["serve", "--model", "ernie-tiny", "--batch-wait", "-1"], tmp_path)
     assert proc.returncode == 2 and "--batch-wait" in proc.stderr_text and TRACEBACK not in proc.stderr_text
     assert "--batch-wait" in run_ernie(["serve", "--help"], tmp_path).stdout_text
+
+
+def test_what_start_up_made_is_frozen_out_of_full_collections_once_the_model_is_loaded(monkeypatch):
+    import gc
+
+    from ernie_cli import engine as engine_module
+    from ernie_cli import serve as serve_module
+    from ernie_cli.settings import LoadOptions, MediaOptions
+
+    seen = {}
+
+    class Loaded:
+        def load(self, load, media):
+            seen["at load"] = gc.get_freeze_count()
+
+    class NoJobs:
+        def __init__(self, *args):
+            pass
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(engine_module, "make_engine", lambda: Loaded())
+    monkeypatch.setattr(serve_module, "Jobs", NoJobs)
+    monkeypatch.setattr(serve_module, "_serve", lambda server, options: seen.setdefault("serving", gc.get_freeze_count()))
+    gc.unfreeze()
+    try:
+        serve_module.run_serve(LoadOptions(model="ernie-tiny"), MediaOptions(), serve_module.ServeOptions(port=0))
+    finally:
+        gc.unfreeze()
+    assert seen["at load"] == 0 and seen["serving"] > 1000, seen
