@@ -63,7 +63,7 @@ PREFILL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "moe_mm_to
 _PADDED = ("input_ids", "attention_mask", "mm_token_type_ids", "moe_mm_token_type_ids")  # (1, P) each
 _STACKED = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")  # rows in prompt order
 CACHE_ROUND = 256  # the cache grows in steps of this many slots
-PREFILL_SPLIT_TOKENS = 128  # a prefill's fixed cost in padded prompt tokens (see prefill_groups)
+PREFILL_SPLIT_TOKENS = 256  # a prefill's fixed cost in padded prompt tokens (see prefill_groups)
 
 
 @dataclass(eq=False)
