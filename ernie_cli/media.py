@@ -370,8 +370,9 @@ def _check_video(path: Path, ref: str) -> None:
     except StopIteration:
         raise MediaError(f"{ref} is a video without a single decodable frame", hint="re-encode or re-download it") from None
     except Exception as e:  # av raises its own error tree for broken containers
-        raise MediaError(f"{ref} is a truncated or corrupt video ({type(e).__name__}: {_without_path(e, path, ref)})",
-                         hint="re-encode or re-download it") from None
+        # FFmpeg's own words ("Invalid data found when processing input"), without its errno and path
+        reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {_without_path(e, path, ref)}"
+        raise MediaError(f"{ref} is a truncated or corrupt video ({reason})", hint="re-encode or re-download it") from None
 
 
 def _without_path(error: Exception, path: Path, ref: str) -> str:
