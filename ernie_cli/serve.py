@@ -446,14 +446,19 @@ def run_serve(load, media_options, options: ServeOptions) -> None:
     require_serve_extra()
     from ernie_cli.engine import make_engine
 
-    engine = make_engine()
-    print(f"Loading {load.model}…", file=sys.stderr, flush=True)
-    engine.load(load, media_options)
-    jobs = Jobs(engine, options.max_batch, options.max_queue, options.batch_wait_s)
+    sock = _bind(options.host, options.port)  # a busy port or a wrong host fails before a long load
+    try:
+        engine = make_engine()
+        print(f"Loading {load.model}…", file=sys.stderr, flush=True)
+        engine.load(load, media_options)
+        jobs = Jobs(engine, options.max_batch, options.max_queue, options.batch_wait_s)
+    except BaseException:
+        sock.close()
+        raise
     server = Server(engine, jobs, options, [load.model])
     _freeze_startup_objects()
     try:
-        received = _serve(server, options)
+        received = _serve(server, options, sock)
     finally:
         jobs.stop()
     if received == signal.SIGINT:
@@ -470,11 +475,10 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def _serve(server: Server, options: ServeOptions) -> int | None:
-    """Run uvicorn on a socket bound here (a busy port is a one-line error; port 0 picks a free one)."""
+def _serve(server: Server, options: ServeOptions, sock) -> int | None:
+    """Run uvicorn on ``sock`` (``_bind``'s) until it stops; the signal it stopped on, if any."""
     import uvicorn
 
-    sock = _bind(options.host, options.port)
     config = uvicorn.Config(server.app(), host=options.host, port=options.port, lifespan="off",
                             log_level="info" if options.verbose else "warning", access_log=options.verbose,
                             timeout_graceful_shutdown=options.grace_s + 5)  # a backstop: see _end_after_grace
@@ -511,6 +515,9 @@ def _end_after_grace(uv, jobs: Jobs, grace_s: float) -> None:
 
 
 def _bind(host: str, port: int):
+    """A listening socket on host:port (port 0 picks a free one); a one-line error, with a hint for
+    the usual causes, when it cannot be had."""
+    import errno
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -520,8 +527,13 @@ def _bind(host: str, port: int):
         sock.bind((host, port))
     except OSError as e:
         sock.close()
+        hint = {errno.EADDRINUSE: "is another server using that port? pick another with --port",
+                errno.EADDRNOTAVAIL: f"{host} is not an address of this machine; --host 0.0.0.0 listens on all of them",
+                errno.EACCES: "ports below 1024 need root; pick another with --port"}.get(e.errno)
+        if isinstance(e, socket.gaierror):
+            hint = f"no address is known for the host name {host}; check --host"
         raise ErnieError(f"cannot listen on {host}:{port}: {e.strerror}",
-                         hint="is another server using that port? pick another with --port") from None
+                         hint=hint or "check --host and --port") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
