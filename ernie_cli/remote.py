@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import queue
+import re
 import socket
 import threading
 import time
@@ -38,7 +39,8 @@ MIME = {".png": "image/png", ".jpg": "image/jpeg", ".gif": "image/gif", ".bmp": 
         ".webp": "image/webp", ".mp4": "video/mp4", ".mov": "video/quicktime", ".mkv": "video/x-matroska",
         ".avi": "video/x-msvideo", ".mpg": "video/mpeg", ".flv": "video/x-flv", ".ts": "video/mp2t"}
 FINISH = {"stop": "stop", "length": "length", "abort": "interrupted"}
-HINTS = {401: "pass the server's key with --api-key or ERNIE_API_KEY",
+HINTS = {400: "the server refused the request as sent; its message says why",
+         401: "pass the server's key with --api-key or ERNIE_API_KEY",
          404: "check --model against the names the server lists at GET /v1/models",
          413: "the server refused the request's size: send fewer or smaller pictures and videos",
          503: "the server is busy; retry in a moment"}
@@ -345,4 +347,7 @@ def _http_error(error: urllib.error.HTTPError, base: str) -> RemoteError:
     except (json.JSONDecodeError, UnicodeDecodeError):
         message = raw.decode("utf-8", errors="replace").strip()[:300] or error.reason
     message = " ".join(str(message).split())
+    own = re.fullmatch(r"(.*) \(hint: (.*)\)", message)  # ernie serve's "message (hint: ...)"
+    if own:
+        return RemoteError(f"{base} answered {error.code}: {own[1]}", hint=own[2])
     return RemoteError(f"{base} answered {error.code}: {message}", hint=HINTS.get(error.code))

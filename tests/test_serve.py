@@ -379,10 +379,19 @@ def test_sigterm_ends_answers_in_flight_and_exits_0(slow):
         request(server, "GET", "/health", timeout=5)
 
 
-def test_busy_port_is_a_one_line_error(served, tmp_path):
+def test_busy_port_is_a_one_line_error_before_the_model_loads(served, tmp_path):
     proc = run_ernie(["serve", "--model", "ernie-tiny", "--port", str(served.port)], tmp_path)
     assert proc.returncode == 1 and TRACEBACK not in proc.stderr_text
-    assert "cannot listen on 127.0.0.1" in proc.stderr_text and "hint: " in proc.stderr_text
+    assert "cannot listen on 127.0.0.1" in proc.stderr_text and "another server" in proc.stderr_text
+    assert "Loading" not in proc.stderr_text  # a real checkpoint's load would come first otherwise
+
+
+@pytest.mark.parametrize("host, hint", [("10.255.255.1", "not an address of this machine"),
+                                        ("no-such-host.invalid", "no address is known for the host name")])
+def test_a_host_that_cannot_be_listened_on_gets_its_own_hint(tmp_path, host, hint):
+    proc = run_ernie(["serve", "--model", "ernie-tiny", "--host", host, "--port", "0"], tmp_path)
+    message = assert_one_line_error(proc, f"cannot listen on {host}")
+    assert hint in proc.stderr_text and "another server" not in proc.stderr_text, message
 
 
 # --- the --server client against this server --------------------------------------------------------------
@@ -427,7 +436,9 @@ def test_client_with_a_wrong_key_says_what_the_server_said(served, tmp_path):
     assert "--api-key" in proc.stderr_text.split(line, 1)[1]
     proc = run_ernie(["describe", str(IMAGE), "--server", served.url, "-n", "100000000"], tmp_path,
                      ERNIE_API_KEY=KEY)
-    assert_one_line_error(proc, "answered 400", "context")
+    line = assert_one_line_error(proc, "answered 400", "context")
+    assert "(hint:" not in line  # the server's hint becomes the client's hint line
+    assert "hint: lower max_tokens" in proc.stderr_text, proc.stderr_text
 
 
 def test_serve_without_the_extra_is_a_one_line_error_with_the_pip_hint(tmp_path):
@@ -473,7 +484,8 @@ def test_what_start_up_made_is_frozen_out_of_full_collections_once_the_model_is_
 
     monkeypatch.setattr(engine_module, "make_engine", lambda: Loaded())
     monkeypatch.setattr(serve_module, "Jobs", NoJobs)
-    monkeypatch.setattr(serve_module, "_serve", lambda server, options: seen.setdefault("serving", gc.get_freeze_count()))
+    monkeypatch.setattr(serve_module, "_serve", lambda server, options, sock: (
+        sock.close(), seen.setdefault("serving", gc.get_freeze_count()))[1])
     gc.unfreeze()
     try:
         serve_module.run_serve(LoadOptions(model="ernie-tiny"), MediaOptions(), serve_module.ServeOptions(port=0))
