@@ -225,6 +225,8 @@ def _between(value, low: float, high: float, name: str, open_low: bool = False):
 
 
 def _kind(value: Any) -> str:
+    if isinstance(value, list) and not value:
+        return "an empty array"
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 

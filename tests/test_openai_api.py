@@ -62,7 +62,7 @@ def test_bad_fields_are_400_naming_the_field(body, param):
 
 
 @pytest.mark.parametrize("messages, needle", [
-    (None, "messages"), ([], "messages"), ("hi", "messages"), ([["user", "hi"]], "messages[0]"),
+    (None, "messages"), ([], "found an empty array"), ("hi", "messages"), ([["user", "hi"]], "messages[0]"),
     ([{"role": "tool", "content": "x"}], "role"), ([{"role": "user", "content": 5}], "content"),
     ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "text"),
     ([{"role": "user", "content": [{"type": "input_audio"}]}], "type"),
