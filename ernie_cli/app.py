@@ -173,6 +173,13 @@ def _resolve_conflicts(ctx: typer.Context) -> dict:
     return params
 
 
+def _check_remote(o: dict) -> None:
+    """Flags a --server cannot honour are a usage error (exit 2), before anything is sent."""
+    if o.get("server") and o.get("thinking_budget") is not None:
+        raise typer.BadParameter("works only with a local model; OpenAI's API has no such field",
+                                 param_hint="--thinking-budget")
+
+
 def _flag(ctx: typer.Context, name: str) -> str:
     param = next(p for p in ctx.command.params if p.name == name)
     from_env = ctx.get_parameter_source(name).name == "ENVIRONMENT"
@@ -215,6 +222,7 @@ def describe(
     from ernie_cli.commands import run_describe
 
     o = _resolve_conflicts(ctx)
+    _check_remote(o)
     fmt = "jsonl" if o["jsonl"] else "json" if o["json"] else "text"
     if each:
         from ernie_cli.each import run_describe_each
@@ -252,6 +260,7 @@ def chat(
     from ernie_cli.chat import run_chat
 
     o = _resolve_conflicts(ctx)
+    _check_remote(o)
     run_chat(media or [], system=o["system"], system_file=o["system_file"], load=_load(o), media_options=_media(o),
              settings=_settings(o), quiet=o["quiet"], verbose=o["verbose"], hide_thinking=hide_thinking)
 

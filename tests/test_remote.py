@@ -213,12 +213,19 @@ def test_the_status_line_names_the_server_not_the_default_model():
     assert LoadOptions("ernie-tiny").status_line() == "Loading ernie-tiny…"
 
 
-@pytest.mark.parametrize("args, needle", [(["--server", "ftp://x"], "http(s) URL"),
-                                          (["--thinking-budget", "5"], "thinking-budget")])
-def test_client_refuses_what_it_cannot_send(vllm, tmp_path, args, needle):
+def test_client_refuses_a_url_it_cannot_send_to(vllm, tmp_path):
     vllm.play("stream_reasoning.sse")
-    proc = run_ernie(["describe", str(EXAMPLES / "shapes.png"), "--server", vllm.url, *args], tmp_path)
-    assert_one_line_error(proc, needle)
+    proc = run_ernie(["describe", str(EXAMPLES / "shapes.png"), "--server", vllm.url, "--server", "ftp://x"], tmp_path)
+    assert_one_line_error(proc, "http(s) URL")
+
+
+@pytest.mark.parametrize("command", ["describe", "chat"])
+def test_a_thinking_budget_with_a_server_is_a_usage_error(vllm, tmp_path, command):
+    vllm.play("stream_reasoning.sse")
+    args = [str(EXAMPLES / "shapes.png")] if command == "describe" else []
+    proc = run_ernie([command, *args, "--server", vllm.url, "--thinking-budget", "5"], tmp_path, input=b"hi\n")
+    assert proc.returncode == 2 and TRACEBACK not in proc.stderr_text, proc.stderr_text
+    assert "--thinking-budget" in proc.stderr_text and "only with a local model" in proc.stderr_text
 
 
 def test_describe_with_server_does_not_import_torch(vllm, tmp_path):
