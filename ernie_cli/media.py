@@ -213,6 +213,14 @@ class MediaResolver:
         return self._store / f"media{self._count}"
 
 
+def _empty_stream_hint(label: str) -> str:
+    if label.startswith(("http://", "https://")):
+        return "the server sent an empty body; check the URL"
+    if label.startswith("data:"):
+        return "the data: URL carries no payload"
+    return f"did the command feeding {label} fail?"
+
+
 class _StoreFile:
     """A file in the store being filled by a stream: sniffs the type from the first bytes (so a text
     stream stops at once), names the file by it when the stream ends, and removes it on failure."""
@@ -264,7 +272,8 @@ class _StoreFile:
 
     def _kind(self) -> tuple[str, str]:
         if not self.head:
-            raise MediaError(f"{self.label} gave 0 bytes; expected an image or video")
+            raise MediaError(f"{self.label} gave 0 bytes; expected an image or video",
+                             hint=_empty_stream_hint(self.label))
         found = sniff(self.head)
         if found is None:
             raise MediaError(f"{self.label} is not an image or video (starts with {self.head[:16]!r})",
@@ -331,7 +340,9 @@ def check_file(path: Path, ref: str, label: str | None = None, decode: bool = Tr
     except OSError as e:
         raise MediaError(f"cannot read {ref}: {e.strerror}") from None
     if not head:
-        raise MediaError(f"{ref} is empty (0 bytes); expected an image or video")
+        raise MediaError(f"{ref} is empty (0 bytes); expected an image or video",
+                         hint="did the command feeding stdin fail?" if ref == "stdin" else
+                         "was it cut short while it was written or downloaded?")
     found = sniff(head)
     ext = path.suffix.lower()
     if found is None:

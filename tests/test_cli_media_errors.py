@@ -51,7 +51,15 @@ def test_directory(tmp_path):
 
 def test_empty_file(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
-    assert_one_line_error(_describe(tmp_path, "empty.jpg"), "empty.jpg", "empty")
+    proc = _describe(tmp_path, "empty.jpg")
+    assert_one_line_error(proc, "empty.jpg", "empty")
+    assert "ERNIE_DEBUG" not in proc.stderr_text, proc.stderr_text  # a hint of its own, not the catch-all
+
+
+def test_empty_stdin_asks_about_the_command_feeding_it(tmp_path):
+    proc = _describe(tmp_path, "-", input=b"")
+    assert_one_line_error(proc, "stdin", "0 bytes")
+    assert "hint: did the command feeding stdin fail?" in proc.stderr_text, proc.stderr_text
 
 
 def test_text_file_named_png(tmp_path):
