@@ -480,7 +480,8 @@ def _serve(server: Server, options: ServeOptions, sock) -> int | None:
     import uvicorn
 
     config = uvicorn.Config(server.app(), host=options.host, port=options.port, lifespan="off",
-                            log_level="info" if options.verbose else "warning", access_log=options.verbose,
+                            log_config=_log_config(), log_level="info" if options.verbose else "warning",
+                            access_log=options.verbose,
                             timeout_graceful_shutdown=options.grace_s + 5)  # a backstop: see _end_after_grace
     received: list[int] = []
     # uvicorn re-raises the signal it stopped on once it has shut down; these handlers catch it, so
@@ -498,6 +499,19 @@ def _serve(server: Server, options: ServeOptions, sock) -> int | None:
             signal.signal(sig, handler)
         sock.close()
     return received[0] if received else None
+
+
+def _log_config() -> dict:
+    """uvicorn's logging, with its access lines (-v) on stderr like everything else ernie serve says."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for handler in config.get("handlers", {}).values():
+        if handler.get("stream") == "ext://sys.stdout":
+            handler["stream"] = "ext://sys.stderr"
+    return config
 
 
 def _end_after_grace(uv, jobs: Jobs, grace_s: float) -> None:

@@ -492,3 +492,14 @@ def test_what_start_up_made_is_frozen_out_of_full_collections_once_the_model_is_
     finally:
         gc.unfreeze()
     assert seen["at load"] == 0 and seen["serving"] > 1000, seen
+
+
+def test_verbose_request_lines_go_to_stderr_and_stdout_stays_empty(tmp_path):
+    server = Served(tmp_path, "--model", "ernie-tiny", "-v")
+    try:
+        status, _ = request(server, "GET", "/health")
+        assert status == 200
+        assert wait_until(lambda: any("GET /health" in line for line in server.log), 10), "".join(server.log)
+    finally:
+        assert server.stop() == 0
+    assert server.proc.stdout.read() == b""
