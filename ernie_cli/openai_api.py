@@ -105,6 +105,9 @@ def _messages(raw: Any) -> tuple[list[Message], list[tuple[Part, MediaRef]]]:
         role = item.get("role")
         if role not in ROLES:
             raise bad(f"{where}.role must be one of {sorted(ROLES)}, found {role!r}", f"{where}.role")
+        if item.get("content") is None and ROLES[role] != "assistant":  # only an assistant turn may be empty
+            raise bad(f"{where}.content must be a string or an array of content parts, found "
+                      f"{_kind(item.get('content'))}", f"{where}.content")
         parts = _content(item.get("content"), f"{where}.content", media, allow_media=ROLES[role] == "user")
         thinking = item.get("reasoning_content", item.get("reasoning"))
         if thinking is not None and not isinstance(thinking, str):

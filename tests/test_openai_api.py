@@ -64,6 +64,7 @@ def test_bad_fields_are_400_naming_the_field(body, param):
 @pytest.mark.parametrize("messages, needle", [
     (None, "messages"), ([], "found an empty array"), ("hi", "messages"), ([["user", "hi"]], "messages[0]"),
     ([{"role": "tool", "content": "x"}], "role"), ([{"role": "user", "content": 5}], "content"),
+    ([{"role": "user", "content": None}], "found null"), ([{"role": "user"}], "content must be"),
     ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "text"),
     ([{"role": "user", "content": [{"type": "input_audio"}]}], "type"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}], "http(s)"),
