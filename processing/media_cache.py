@@ -24,15 +24,13 @@ DEFAULT_MAX_BYTES = 512 * 2**20
 _CHUNK = 1 << 20
 
 
-class MediaCache:
-    """A thread-safe LRU of preprocessed media, bounded by the bytes of their tensors."""
+class ByteLRU:
+    """A thread-safe least-recently-used map bounded by the bytes its values are said to take."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.hits = self.misses = 0
-        self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
-        self._digests: dict[tuple, str] = {}  # (path, size, mtime_ns) -> content digest
         self._lock = threading.Lock()
 
     @property
@@ -40,19 +38,72 @@ class MediaCache:
         return self._bytes
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._items)
+
+    def get(self, key: Any) -> Any:
+        """The value under ``key`` (now the most recently used), or None."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: Any, value: Any, size: int) -> None:
+        """Keep ``value`` unless it is larger than the whole bound or ``key`` is already kept (two
+        threads that made the same entry at once: the first stays); the least recently used leave."""
+        with self._lock:
+            if size > self.max_bytes or key in self._items:
+                return
+            self._items[key] = (value, size)
+            self._bytes += size
+            self._evict()
 
     def resize(self, max_bytes: int) -> None:
-        """A new bound (0 turns the cache off); entries over it leave at once."""
+        """A new bound (0 keeps nothing); entries over it leave at once."""
         with self._lock:
             self.max_bytes = max(int(max_bytes), 0)
             self._evict()
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
-            self._digests.clear()
+            self._items.clear()
             self._bytes = 0
+
+    def _evict(self) -> None:
+        while self._bytes > self.max_bytes and self._items:
+            _, (_, size) = self._items.popitem(last=False)
+            self._bytes -= size
+
+
+class MediaCache:
+    """A thread-safe LRU of preprocessed media, bounded by the bytes of their tensors."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.hits = self.misses = 0
+        self._entries = ByteLRU(max_bytes)
+        self._digests: dict[tuple, str] = {}  # (path, size, mtime_ns) -> content digest
+        self._lock = threading.Lock()
+
+    @property
+    def max_bytes(self) -> int:
+        return self._entries.max_bytes
+
+    @property
+    def size_bytes(self) -> int:
+        return self._entries.size_bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def resize(self, max_bytes: int) -> None:
+        """A new bound (0 turns the cache off); entries over it leave at once."""
+        self._entries.resize(max_bytes)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        with self._lock:
+            self._digests.clear()
 
     def get_or_make(self, source: Any, shape_key: tuple, make: Callable[[], Any], nbytes: Callable[[Any], int]) -> Any:
         """The cached result for ``source`` (a path or bytes) under ``shape_key``, else ``make()``,
@@ -62,20 +113,14 @@ class MediaCache:
         if digest is None:
             return make()
         key = (digest, shape_key)
+        found = self._entries.get(key)
         with self._lock:
-            found = self._entries.get(key)
             if found is not None:
-                self._entries.move_to_end(key)
                 self.hits += 1
-                return found[0]
+                return found
             self.misses += 1
         value = make()
-        size = nbytes(value)
-        with self._lock:
-            if size <= self.max_bytes and key not in self._entries:
-                self._entries[key] = (value, size)
-                self._bytes += size
-                self._evict()
+        self._entries.put(key, value, nbytes(value))
         return value
 
     def digest(self, source: Any) -> str | None:
@@ -106,11 +151,6 @@ class MediaCache:
                 self._digests.clear()
             self._digests[identity] = h.hexdigest()
         return h.hexdigest()
-
-    def _evict(self) -> None:
-        while self._bytes > self.max_bytes and self._entries:
-            _, (_, size) = self._entries.popitem(last=False)
-            self._bytes -= size
 
 
 def max_bytes_from_env(value: str | None = None, default: int = DEFAULT_MAX_BYTES) -> int:

@@ -35,6 +35,7 @@ from model.errors import MediaError
 from processing.image import (CLIP_MEAN, CLIP_STD, check_aspect_ratio, config_fields,
                               smart_resize)
 from processing.media import Source, describe, read_head, read_source, sniff_kind, unsupported_message
+from processing.media_cache import ByteLRU
 
 MAX_FRAME_PIXELS = 7680 * 4320  # 8K UHD
 MAX_DECODED_BYTES = 3 * 1024 ** 3  # the selected frames, RGB, at their native size
@@ -421,19 +422,19 @@ class _MaskKeepingFont(ImageFont.FreeTypeFont):
         mode = args[0] if args else kwargs.get("mode", "")
         if mode == "RGBA":  # a colour mask, which Pillow changes after rendering: not kept
             return super().getmask2(text, *args, **kwargs)
-        key = ("mask", self.path, self.size, self.index, text, _frozen(args), _frozen(sorted(kwargs.items())))
-        found = _STAMP_MASKS.get(key)
-        if found is None:
-            found = super().getmask2(text, *args, **kwargs)
-            _STAMP_MASKS.put(key, found, found[0].size[0] * found[0].size[1])
-        return found
+        return self._kept("mask", super().getmask2, lambda found: found[0].size[0] * found[0].size[1],
+                          text, args, kwargs)
 
     def getbbox(self, text, *args, **kwargs):
-        key = ("box", self.path, self.size, self.index, text, _frozen(args), _frozen(sorted(kwargs.items())))
+        return self._kept("box", super().getbbox, lambda found: 64, text, args, kwargs)
+
+    def _kept(self, kind: str, make, size_of, text, args, kwargs):
+        """``make(text, *args, **kwargs)``, kept in _STAMP_MASKS under this font and the arguments."""
+        key = (kind, self.path, self.size, self.index, text, _frozen(args), _frozen(sorted(kwargs.items())))
         found = _STAMP_MASKS.get(key)
         if found is None:
-            found = super().getbbox(text, *args, **kwargs)
-            _STAMP_MASKS.put(key, found, 64)
+            found = make(text, *args, **kwargs)
+            _STAMP_MASKS.put(key, found, size_of(found))
         return found
 
 
@@ -444,37 +445,7 @@ def _frozen(value: Any) -> Any:
     return value
 
 
-class _MaskStore:
-    """Least recently used text masks, at most ``max_bytes`` of them."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: dict[Any, tuple[Any, int]] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            item = self._items.pop(key, None)
-            if item is None:
-                return None
-            self._items[key] = item
-            return item[0]
-
-    def put(self, key: Any, value: Any, size: int) -> None:
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            self._bytes -= old[1] if old else 0
-            self._items[key] = (value, size)
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                oldest = next(iter(self._items))
-                self._bytes -= self._items.pop(oldest)[1]
-
-
-_STAMP_MASKS = _MaskStore(16 * 1024 ** 2)
+_STAMP_MASKS = ByteLRU(16 * 1024 ** 2)  # text masks and boxes, LRU
 
 
 def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from model.errors import MediaError
 from processing import video as V
 from processing.image import smart_resize
+from processing.media_cache import ByteLRU
 from processing.video import (DecodedVideo, VideoProcessorConfig, format_timestamp, load_video,
                               preprocess_videos, sample_indices, stamp_frame)
 from tests.helpers import media
@@ -191,7 +192,7 @@ def test_stamping_the_corner_gives_the_bytes_of_stamping_the_whole_frame(shape):
 def test_text_masks_are_rendered_once_and_bounded(monkeypatch):
     from PIL import ImageFont
 
-    store = V._MaskStore(max_bytes=10 ** 9)
+    store = ByteLRU(max_bytes=10 ** 9)
     monkeypatch.setattr(V, "_STAMP_MASKS", store)
     renders = []
     original = ImageFont.FreeTypeFont.getmask2
@@ -209,7 +210,7 @@ def test_text_masks_are_rendered_once_and_bounded(monkeypatch):
     stamp_frame(np.full((240, 400, 3), 90, np.uint8), "time: 00:00:03.00", FONT)
     assert len(renders) == 3 * rendered  # another size too
 
-    small = V._MaskStore(max_bytes=100)
+    small = ByteLRU(max_bytes=100)
     small.put("a", "A", 60)
     small.put("b", "B", 30)
     assert small.get("a") == "A"  # now the most recent
