@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from _machine import cpu_name  # benchmarks/ is this script's folder
@@ -101,11 +102,10 @@ def fresh_media(out_dir: Path) -> list[tuple[str, str, Path]]:
     colours, media = list(shapes.COLOURS), []
     for i in range(16):
         if i % 3 == 0:
-            trio = [colours[(i + k) % len(colours)] for k in range(3)]
-            scene = shapes.Scene(224, 160, (240, 240, 240), tuple(
-                shapes.Shape(kind, colour, shapes.COLOURS[colour], x, y, size)
-                for kind, colour, (x, y, size) in zip(shapes.KINDS[i % 3:] + shapes.KINDS[:i % 3], trio,
-                                                      ((44.0, 70.0, 52.0), (112.0, 96.0, 48.0), (180.0, 66.0, 56.0)))))
+            trio = [colours[(i + k) % len(colours)] for k in range(3)]  # the example scene, recoloured
+            scene = replace(shapes.EXAMPLE_SCENE, shapes=tuple(
+                replace(shape, colour=colour, rgb=shapes.COLOURS[colour])
+                for shape, colour in zip(shapes.EXAMPLE_SCENE.shapes, trio)))
             media.append(("image", "image/png", shapes.save_image(scene, out_dir / f"scene{i}.png")))
         else:
             clip = shapes.example_clip(shapes.KINDS[i % 3], colours[i % len(colours)],

@@ -340,9 +340,8 @@ def check_file(path: Path, ref: str, label: str | None = None, decode: bool = Tr
     except OSError as e:
         raise MediaError(f"cannot read {ref}: {e.strerror}") from None
     if not head:
-        raise MediaError(f"{ref} is empty (0 bytes); expected an image or video",
-                         hint="did the command feeding stdin fail?" if ref == "stdin" else
-                         "was it cut short while it was written or downloaded?")
+        raise MediaError(f"{ref} is empty (0 bytes); expected an image or video",  # streams stop in _StoreFile
+                         hint="was it cut short while it was written or downloaded?")
     found = sniff(head)
     ext = path.suffix.lower()
     if found is None:
